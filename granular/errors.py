@@ -1,0 +1,31 @@
+"""User-facing errors.
+
+A :class:`GranularError` is a problem with the user's input (a spec, a target, a data set,
+a checkpoint). Its message is one line that names the problem and the fix; the command line
+prints it without a traceback and exits non-zero. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GranularError", "TraceError", "TargetError", "DataError", "CheckpointError"]
+
+
+class GranularError(Exception):
+    """Bad input, reported to the user as one line."""
+
+
+class TraceError(GranularError):
+    """The model cannot be traced by torch.fx."""
+
+
+class TargetError(GranularError):
+    """The parameter target cannot be met (already met, or unreachable)."""
+
+
+class DataError(GranularError):
+    """A data set is missing or malformed."""
+
+
+class CheckpointError(GranularError):
+    """A checkpoint cannot be read or does not match the run."""
