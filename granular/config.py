@@ -1,0 +1,176 @@
+"""Configuration dataclasses.
+
+Every config validates in ``__post_init__``, carries a version, and round-trips through JSON
+(:meth:`GranularConfig.to_json` / :meth:`GranularConfig.from_json`), so each run can write
+its resolved config next to its results (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from granular.errors import GranularError
+
+__all__ = ["GranularConfig", "GateConfig", "SearchConfig", "parse_size"]
+
+
+class GranularConfig:
+    """Base of all configs: JSON round-trip and checks."""
+
+    VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["_version"] = self.VERSION
+        d["_type"] = type(self).__name__
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        d = dict(d)
+        version = d.pop("_version", cls.VERSION)
+        d.pop("_type", None)
+        if version > cls.VERSION:
+            raise GranularError(f"{cls.__name__} version {version} is newer than this granular "
+                                f"understands ({cls.VERSION}): upgrade granular")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise GranularError(f"unknown {cls.__name__} field(s) {', '.join(unknown)}: remove them")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                v = d[f.name]
+                sub = _nested_config_type(f)
+                kwargs[f.name] = sub.from_dict(v) if sub is not None and isinstance(v, dict) else v
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+    def _check(self, ok: bool, msg: str) -> None:
+        if not ok:
+            raise GranularError(f"{type(self).__name__}: {msg}")
+
+
+def _nested_config_type(f: dataclasses.Field):
+    t = f.type if isinstance(f.type, type) else globals().get(str(f.type))
+    return t if isinstance(t, type) and issubclass(t, GranularConfig) else None
+
+
+@dataclass
+class GateConfig(GranularConfig):
+    """Which units get gates.
+
+    Args:
+        op_gates: gate operation units (branches that join a sum) with α.
+        filter_gates: gate the output channels of conv/linear layers with β.
+        weight_masks: mask conv/linear weights with ω.
+        mask_stem: also mask the layers that read the graph input (METHOD.md: stem
+            weights are not gated).
+        mask_head: also mask the layers whose outputs reach the graph output (the classifier).
+    """
+
+    op_gates: bool = True
+    filter_gates: bool = True
+    weight_masks: bool = True
+    mask_stem: bool = False
+    mask_head: bool = False
+
+
+def parse_size(value: str | int | float) -> int:
+    """Parse a parameter count such as ``2.2M``, ``700K``, ``1500`` or ``1e6``.
+
+    Raises:
+        GranularError: the value is not a positive number with an optional K/M/G suffix.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = float(value)
+    else:
+        s = str(value).strip().replace("_", "").replace(",", "")
+        mult = 1.0
+        if s[-1:].upper() in ("K", "M", "G"):
+            mult = {"K": 1e3, "M": 1e6, "G": 1e9}[s[-1].upper()]
+            s = s[:-1]
+        try:
+            n = float(s) * mult
+        except ValueError:
+            raise GranularError(f"'{value}' is not a parameter count: write a number with an "
+                                f"optional K or M suffix, e.g. 2.2M or 700K") from None
+    if not n > 0 or n != n or n == float("inf"):
+        raise GranularError(f"'{value}' is not a positive parameter count: write e.g. 2.2M or 700K")
+    return int(round(n))
+
+
+@dataclass
+class SearchConfig(GranularConfig):
+    """Algorithm 1 of METHOD.md (adaptive pruning), with its defaults.
+
+    Args:
+        target_params: stop when the exported model's nonzero parameters are at or below this.
+        epochs: the most epochs to run (warm-up included) before giving up on the target.
+        warmup_epochs: epochs that train the weights only, with λ = 0.
+        prune_every: e, the epochs between pruning rounds.
+        batch_size: training batch size.
+        lr_weights, lr_gates, lr_thresholds, lr_t_omega: SGD learning rates per group.
+        weight_decay: on the weights only.
+        momentum: SGD momentum for every group.
+        grad_clip: gradient-norm clip on the weights.
+        threshold_init: ``"min"`` (the journal's rule: the minimum of the current
+            granularity parameters) or ``"zero"`` (the released code).
+        mu: weight of the parameter cost in the resource loss (0 = uniform per-op penalty).
+        lambda_step: the initial Δ of the adaptive λ controller.
+        prune_low, prune_high: a round pruned too little / too much when it removed less /
+            more than this fraction of the remaining excess (count - target).
+        excess_floor: the remaining excess is floored at this fraction of the target, so
+            that rounds near the target still make progress.
+        land: when a round would overshoot, commit only the units furthest below their
+            thresholds, just enough to meet the target.
+        gates: which units get gates.
+        seed: random seed.
+    """
+
+    target_params: int = 0
+    epochs: int = 100
+    warmup_epochs: int = 5
+    prune_every: int = 2
+    batch_size: int = 96
+    lr_weights: float = 0.01
+    lr_gates: float = 1.0
+    lr_thresholds: float = 0.1
+    lr_t_omega: float = 0.001
+    weight_decay: float = 3e-4
+    momentum: float = 0.9
+    grad_clip: float = 5.0
+    threshold_init: str = "min"
+    mu: float = 0.0
+    lambda_step: float = 1e-5
+    prune_low: float = 0.1
+    prune_high: float = 0.4
+    excess_floor: float = 0.1
+    land: bool = True
+    gates: GateConfig = field(default_factory=GateConfig)
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.gates, dict):
+            self.gates = GateConfig.from_dict(self.gates)
+        self._check(isinstance(self.target_params, int) and self.target_params >= 0,
+                    "target_params must be a non-negative integer")
+        self._check(self.epochs >= 1, "epochs must be at least 1")
+        self._check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1,
+                    "warmup_epochs must be below epochs")
+        self._check(self.prune_every >= 1, "prune_every must be at least 1")
+        self._check(self.batch_size >= 1, "batch_size must be at least 1")
+        self._check(self.threshold_init in ("min", "zero"), "threshold_init must be 'min' or 'zero'")
+        self._check(0 <= self.prune_low < self.prune_high, "need 0 <= prune_low < prune_high")
+        self._check(self.mu >= 0, "mu must be non-negative")
+        for name in ("lr_weights", "lr_gates", "lr_thresholds", "lr_t_omega"):
+            self._check(getattr(self, name) >= 0, f"{name} must be non-negative")

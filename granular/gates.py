@@ -1,0 +1,136 @@
+"""Gate modules: the α (operation), β (filter) and ω (weight) discretisation functions.
+
+For a scaled granularity parameter g and a learned threshold t, MG-DARTS (METHOD.md) uses
+``M(g) = S(|g| - t) * g`` where S is a hard unit step whose gradient is the long-tailed
+estimator of Dynamic Sparse Training (Liu et al., ICLR 2020)::
+
+    dS/dx ~= 2 - 4|x|  if |x| <= 0.4;   0.4  if 0.4 < |x| <= 1;   0 otherwise
+
+Each gate also multiplies by a stored 0/1 mask (a buffer) that pruning rounds refresh.
+
+Training mode computes ``stored * S(|g| - t) * g``: the live threshold acts on every
+forward pass, so thresholds get gradients. Eval mode computes ``stored * g``: it is the
+architecture committed at the last pruning round, the one ``export`` produces and
+``count_params`` counts. Between rounds the two can differ by the units whose live mask has
+dropped but which the next round has not yet removed.
+
+Gates are modules so that they know the training mode and show as ``call_module`` nodes in
+``print(gm.code)``. Thresholds are shared by all gates of one op (one ``t_β`` and one ``t_ω``
+per op), so they live in a :class:`Scope` and reach the gates as ``get_attr`` inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "long_tailed_step", "step_grad", "OpGate", "FilterGate", "WeightMask", "Scope", "GateBank",
+    "GATE_ROOT",
+]
+
+GATE_ROOT = "granular_gates"  # attribute of the GraphModule that holds every gate
+
+
+def step_grad(x: torch.Tensor) -> torch.Tensor:
+    """The long-tailed estimator's derivative of the unit step at ``x``."""
+    ax = x.abs()
+    return torch.where(ax <= 0.4, 2.0 - 4.0 * ax, torch.where(ax <= 1.0, 0.4, 0.0).to(x.dtype))
+
+
+class _LongTailedStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        # x == 0 counts as kept: the "min" threshold rule puts the smallest unit exactly there.
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * step_grad(x)
+
+
+def long_tailed_step(x: torch.Tensor) -> torch.Tensor:
+    """Unit step ``1[x >= 0]`` with the long-tailed gradient estimator."""
+    return _LongTailedStep.apply(x)
+
+
+def _gate_value(g: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, training: bool):
+    if training:
+        return long_tailed_step(g.abs() - t) * g * mask
+    return g * mask
+
+
+class OpGate(nn.Module):
+    """α gate: scales one operation's output by ``M(σ(α))`` before it joins its sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(()))
+        self.register_buffer("mask", torch.ones(()))
+
+    def value(self, t_alpha: torch.Tensor) -> torch.Tensor:
+        return _gate_value(torch.sigmoid(self.alpha), t_alpha, self.mask, self.training)
+
+    def forward(self, x: torch.Tensor, t_alpha: torch.Tensor) -> torch.Tensor:
+        return x * self.value(t_alpha)
+
+
+class FilterGate(nn.Module):
+    """β gate: scales each output channel (dim 1) of a layer by ``M(σ(β_c))``, after its BN."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("mask", torch.ones(channels))
+
+    def value(self, t_beta: torch.Tensor) -> torch.Tensor:
+        return _gate_value(torch.sigmoid(self.beta), t_beta, self.mask, self.training)
+
+    def forward(self, x: torch.Tensor, t_beta: torch.Tensor) -> torch.Tensor:
+        g = self.value(t_beta)
+        return x * g.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+class WeightMask(nn.Module):
+    """ω mask: ``M(ω) = S(|ω| - t_ω) * ω`` applied to a layer's weight before the layer."""
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(shape))
+
+    def value(self, weight: torch.Tensor, t_omega: torch.Tensor) -> torch.Tensor:
+        """The 0/1 keep-mask of ``weight`` (no gradient path; for accounting and rounds)."""
+        if self.training:
+            return (weight.abs() >= t_omega).to(weight.dtype) * self.mask
+        return self.mask
+
+    def forward(self, weight: torch.Tensor, t_omega: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return long_tailed_step(weight.abs() - t_omega) * weight * self.mask
+        return weight * self.mask
+
+
+class Scope(nn.Module):
+    """The thresholds of one threshold owner: an operation unit, or a layer outside any.
+
+    ``t_alpha`` exists for operation units, ``t_beta``/``t_omega`` for owners of gated layers.
+    """
+
+    def __init__(self, *, op: bool, filters: bool, weights: bool):
+        super().__init__()
+        for name, present in (("t_alpha", op), ("t_beta", filters), ("t_omega", weights)):
+            if present:
+                setattr(self, name, nn.Parameter(torch.zeros(())))
+
+
+class GateBank(nn.Module):
+    """Container for every gate and threshold of a gated graph (``gm.granular_gates``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scopes = nn.ModuleDict()
+        self.op = nn.ModuleDict()
+        self.filter = nn.ModuleDict()
+        self.weight = nn.ModuleDict()

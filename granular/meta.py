@@ -1,0 +1,125 @@
+"""Namespaced ``node.meta`` keys and the frozen records stored under them.
+
+Analyses write these entries; transforms and the driver read them through the accessors
+below, which fail with "run X first" when an analysis has not run (STYLE.md 1c, 3).
+
+Keys:
+    ``granular.layer``     :class:`LayerInfo` on every conv/linear node.
+    ``granular.op_unit``   :class:`OpUnit` on the tail node of an operation branch.
+    ``granular.member``    the id of the innermost op unit a node belongs to.
+    ``granular.sum``       :class:`SumInfo` on the root node of a visible sum.
+    ``granular.gate``      :class:`GateInfo` on every gate node inserted by ``insert_gates``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.fx as fx
+
+__all__ = [
+    "LAYER", "OP_UNIT", "MEMBER", "SUM", "GATE",
+    "LayerInfo", "OpUnit", "SumInfo", "GateInfo",
+    "layer_info", "op_unit", "sum_info", "gate_info", "tensor_shape",
+]
+
+LAYER = "granular.layer"
+OP_UNIT = "granular.op_unit"
+MEMBER = "granular.member"
+SUM = "granular.sum"
+GATE = "granular.gate"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A conv or linear layer seen by the analyses.
+
+    Attributes:
+        module: qualified name of the ``nn.Conv*d``/``nn.Linear`` module holding the weights.
+        kind: ``"conv"``, ``"dwconv"`` (channels pass through: groups == in == out),
+            ``"gconv"`` (other grouped conv: channels fixed) or ``"linear"``.
+        scope: the threshold owner: the innermost op unit's id, or the layer's own id.
+        filter_gate: whether the layer's output channels get a filter (β) gate.
+        weight_mask: whether the layer's weight gets a weight (ω) mask.
+    """
+
+    module: str
+    kind: str
+    scope: str
+    filter_gate: bool
+    weight_mask: bool
+
+
+@dataclass(frozen=True)
+class OpUnit:
+    """An operation unit: a branch that joins a visible sum.
+
+    Attributes:
+        id: stable key, used for parameter names (``granular_gates.op.<id>.alpha``).
+        sum_node: name of the root sum node the branch feeds.
+        nodes: names of the branch's nodes, from the fork (exclusive) to the tail.
+        path: the module path the branch lives under (for reports), '' if none.
+    """
+
+    id: str
+    sum_node: str
+    nodes: tuple[str, ...]
+    path: str
+
+
+@dataclass(frozen=True)
+class SumInfo:
+    """A visible n-ary sum: a tree of binary adds, flattened.
+
+    Attributes:
+        inputs: names of the nodes summed (the leaves of the add tree).
+        adds: names of the add nodes of the tree, root last.
+    """
+
+    inputs: tuple[str, ...]
+    adds: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GateInfo:
+    """A gate node. ``kind`` is ``"op"`` (α), ``"filter"`` (β) or ``"weight"`` (ω); ``key``
+    names its module under ``granular_gates.<kind>``; ``scope`` names its thresholds."""
+
+    kind: str
+    key: str
+    scope: str
+
+
+def _get(node: fx.Node, key: str, producer: str):
+    if key not in node.meta:
+        raise RuntimeError(f"{node.format_node()}: no {key!r} meta; run {producer} first")
+    return node.meta[key]
+
+
+def layer_info(node: fx.Node) -> LayerInfo:
+    """The :class:`LayerInfo` of a conv/linear node (written by ``find_units``)."""
+    return _get(node, LAYER, "find_units")
+
+
+def op_unit(node: fx.Node) -> Optional[OpUnit]:
+    """The :class:`OpUnit` whose tail is ``node``, or None."""
+    return node.meta.get(OP_UNIT)
+
+
+def sum_info(node: fx.Node) -> Optional[SumInfo]:
+    """The :class:`SumInfo` if ``node`` is the root of a visible sum, else None."""
+    return node.meta.get(SUM)
+
+
+def gate_info(node: fx.Node) -> Optional[GateInfo]:
+    """The :class:`GateInfo` if ``node`` is a gate, else None."""
+    return node.meta.get(GATE)
+
+
+def tensor_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
+    """The traced output shape of ``node`` (from ShapeProp), or None for non-tensors."""
+    tm = node.meta.get("tensor_meta")
+    if tm is None or not hasattr(tm, "shape"):
+        return None
+    return tuple(tm.shape)

@@ -1,0 +1,436 @@
+"""``export``: turn a gated graph into a compact, plain-PyTorch GraphModule.
+
+Requires: a graph gated by ``insert_gates`` (``granular.gate`` meta). Reads the gates'
+eval-mode values (the architecture committed at the last pruning round).
+
+Steps, each exact in eval mode (DESIGN.md invariant 1):
+
+1. **Remove pruned operations.** An α gate at zero makes its input of the sum zero: the
+   input is dropped from the sum and the branch's nodes die with it.
+2. **Find removable channels.** Channel classes come from ``analyze_channels`` on the live
+   graph; per-position constants from ``channel_constants``. A class is removed when every
+   conv/linear that reads it sees a constant there that it can absorb: zero, or any constant
+   if the reader has no padding (then ``W[:, c].sum() * k`` moves into its bias). Every
+   tensor keeps at least one channel.
+3. **Fold.** Each layer absorbs the BatchNorm and gates that follow it (eval-mode affine
+   maps), its weight mask, and the constants of removed input channels; a BatchNorm that
+   follows no layer absorbs its gates. An α gate with nothing to fold into becomes a
+   multiplication by a literal.
+4. **Rebuild** a new graph node by node with sliced modules at their original paths.
+
+The plan (steps 1-3) is shared with :func:`granular.count_params`, which counts the folded
+tensors without building the graph; the tests check the two agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from granular.errors import GranularError
+from granular.gates import GATE_ROOT, FilterGate, OpGate, WeightMask
+from granular.meta import GATE
+from granular.passes._channels import ChannelAnalysis, analyze_channels, channel_constants
+from granular.passes._graph import Kind, LayerView, layer_view, module_of
+
+__all__ = ["ExportPlan", "plan_export", "build_export", "Export", "export_graph"]
+
+
+@dataclass
+class ExportPlan:
+    """Everything export decides, before any graph is built.
+
+    Attributes:
+        alive: nodes that survive operation pruning.
+        zero: nodes whose value is exactly zero (pruned α gates, sums of them).
+        analysis: channel classes of the live graph.
+        keep: kept channel positions per node with a channel axis.
+        modules: new modules by qualified path (folded layers and norms).
+        folded_into: chain nodes (norms, gates) folded into the node that now produces them.
+        literals: α gates that become ``x * value``.
+        attrs: get_attr tensors carried over (user buffers/parameters).
+    """
+
+    alive: set[fx.Node]
+    zero: set[fx.Node]
+    analysis: ChannelAnalysis
+    keep: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    module_of_node: dict[fx.Node, str] = field(default_factory=dict)
+    folded_into: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    literals: dict[fx.Node, float] = field(default_factory=dict)
+    attrs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def parameters(self):
+        """The parameters the exported module will have."""
+        seen = set()
+        for m in self.modules.values():
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+        for t in self.attrs.values():
+            if isinstance(t, nn.Parameter) and id(t) not in seen:
+                seen.add(id(t))
+                yield t
+
+
+def _gate_module(gm, node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _threshold(gm, node):
+    t = node.args[1]
+    return getattr(gm, "__dummy__", None) if t is None else _fetch_attr(gm, t.target)
+
+
+def _fetch_attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def gate_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """Eval-mode value of an α or β gate node (scalar or per-channel)."""
+    m = _gate_module(gm, node)
+    t = _fetch_attr(gm, node.args[1].target)
+    was = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            return m.value(t).detach()
+    finally:
+        m.train(was)
+
+
+def effective_weight(gm: fx.GraphModule, lv: LayerView) -> torch.Tensor:
+    """The layer's weight with its eval-mode ω mask applied."""
+    w = lv.module.weight.detach()
+    if lv.node.op == "call_function":
+        wm_node = lv.node.args[1]
+        if isinstance(wm_node, fx.Node) and wm_node.op == "call_module":
+            m = gm.get_submodule(wm_node.target)
+            if isinstance(m, WeightMask):
+                return w * m.mask
+    return w
+
+
+def _kind_is(plan_kinds, node, *kinds):
+    return plan_kinds.get(node) in kinds
+
+
+def _zero_and_alive(gm: fx.GraphModule, kinds) -> tuple[set[fx.Node], set[fx.Node]]:
+    zero: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        info = n.meta.get(GATE)
+        if info is not None and info.kind == "op":
+            if float(gate_value(gm, n)) == 0.0:
+                zero.add(n)
+        elif kinds.get(n) == Kind.ADD and all(a in zero for a in n.args):
+            zero.add(n)
+    alive: set[fx.Node] = set()
+    out = [n for n in gm.graph.nodes if n.op == "output"]
+    stack = list(out)
+    while stack:
+        n = stack.pop()
+        if n in alive:
+            continue
+        alive.add(n)
+        ins = n.all_input_nodes
+        if kinds.get(n) == Kind.ADD:
+            ins = [a for a in n.args if isinstance(a, fx.Node) and a not in zero]
+        for a in ins:
+            if a in zero:
+                raise GranularError(f"export: {n.format_node()} reads {a.name}, whose every operation is "
+                                    f"pruned; keep one operation per sum (last-op protection)")
+            stack.append(a)
+    return zero, alive
+
+
+def _foldable(lv: LayerView) -> bool:
+    if isinstance(lv.module, nn.Linear):
+        return True
+    return all(p == 0 for p in lv.module.padding) if isinstance(lv.module.padding, tuple) else lv.module.padding == 0
+
+
+def plan_export(gm: fx.GraphModule) -> ExportPlan:
+    """Decide what :func:`build_export` will build (see module docstring)."""
+    was = gm.training
+    gm.eval()
+    try:
+        return _plan(gm)
+    finally:
+        gm.train(was)
+
+
+def _plan(gm: fx.GraphModule) -> ExportPlan:
+    from granular.passes._graph import node_kind
+    kinds = {n: node_kind(gm, n) for n in gm.graph.nodes}
+    zero, alive = _zero_and_alive(gm, kinds)
+    analysis = analyze_channels(gm, alive)
+    kinds = analysis.kinds
+    gv = {n: gate_value(gm, n) for n in alive if kinds.get(n) in (Kind.GATE_OP, Kind.GATE_FILTER)}
+    consts = channel_constants(gm, analysis, gate_value=lambda n: gv[n],
+                               layer_weight=lambda lv: effective_weight(gm, lv))
+    plan = ExportPlan(alive=alive, zero=zero, analysis=analysis)
+
+    # Removable classes: every reader sees an absorbable constant.
+    all_classes = {c for ids in analysis.slots.values() for c in ids}
+    removable = all_classes - analysis.fixed
+    for reader, x in analysis.readers:
+        lv = analysis.layers[reader]
+        fold_ok = _foldable(lv)
+        k = consts[x]
+        for p, c in enumerate(analysis.slots[x]):
+            if c in removable:
+                kp = float(k[p])
+                if math.isnan(kp) or (kp != 0.0 and not fold_ok):
+                    removable.discard(c)
+    changed = True
+    while changed:  # every tensor keeps at least one channel
+        changed = False
+        for n, ids in analysis.slots.items():
+            if ids and all(c in removable for c in ids):
+                removable.discard(ids[0])
+                changed = True
+    for n, ids in analysis.slots.items():
+        plan.keep[n] = torch.tensor([p for p, c in enumerate(ids) if c not in removable], dtype=torch.long)
+
+    # Fold layers and norms with the gates that follow them.
+    for n in gm.graph.nodes:
+        if n not in alive:
+            continue
+        k = kinds.get(n)
+        if k in (Kind.LAYER, Kind.DWCONV) and n not in plan.folded_into:
+            _plan_layer(gm, plan, n, kinds, gv, consts)
+        elif layer_view(gm, n) is not None:  # a layer whose channels are fixed (grouped conv, ...)
+            _plan_fixed_layer(gm, plan, n)
+        elif k == Kind.BN and n not in plan.folded_into:
+            _plan_norm(gm, plan, n, kinds, gv)
+        elif k == Kind.GATE_OP and n not in plan.folded_into:
+            plan.literals[n] = float(gv[n])
+        elif k == Kind.GATE_FILTER and n not in plan.folded_into:
+            raise GranularError(f"export: filter gate {n.name} follows neither a layer nor a norm")
+        elif n.op == "get_attr" and not str(n.target).startswith(GATE_ROOT):
+            if any(u in alive and kinds.get(u) != Kind.GATE_WEIGHT and not (
+                    kinds.get(u) in (Kind.LAYER, Kind.DWCONV)) for u in n.users):
+                plan.attrs[str(n.target)] = _fetch_attr(gm, n.target)
+        elif n.op == "call_module" and k not in (Kind.GATE_WEIGHT,) and n not in plan.folded_into:
+            if str(n.target) not in plan.modules:
+                plan.modules[str(n.target)] = copy.deepcopy(module_of(gm, n))
+                plan.module_of_node[n] = str(n.target)
+    return plan
+
+
+def _chain(n: fx.Node, kinds, alive, allow_bn: bool) -> list[fx.Node]:
+    """The norm and gates that directly follow ``n`` and can be folded into it."""
+    chain = []
+    cur = n
+    while True:
+        users = [u for u in cur.users if u in alive]
+        if len(users) != 1 or users[0].args[0] is not cur:
+            break
+        u = users[0]
+        ku = kinds.get(u)
+        if ku == Kind.BN and allow_bn and not chain:
+            chain.append(u)
+        elif ku in (Kind.GATE_FILTER, Kind.GATE_OP):
+            chain.append(u)
+        else:
+            break
+        cur = u
+    return chain
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        s = s * bn.weight.detach()
+    b = -bn.running_mean * s
+    if bn.affine:
+        b = b + bn.bias.detach()
+    return s, b
+
+
+def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts) -> None:
+    lv = plan.analysis.layers[n]
+    m = lv.module
+    chain = _chain(n, kinds, plan.alive, allow_bn=True)
+    w = effective_weight(gm, lv)
+    out_keep = plan.keep[n]
+    c_out = w.shape[0]
+    s = torch.ones(c_out)
+    b = torch.zeros(c_out)
+    has_bias = m.bias is not None
+    bias = m.bias.detach().clone() if has_bias else torch.zeros(c_out)
+    for c in chain:
+        if kinds[c] == Kind.BN:
+            bs, bb = _bn_affine(module_of(gm, c))
+            s, b = s * bs, b * bs + bb
+            has_bias = True
+        else:
+            g = gv[c].reshape(-1).expand(c_out) if gv[c].dim() else gv[c].expand(c_out)
+            s, b = s * g, b * g
+        plan.folded_into[c] = n
+    if lv.kind == "dwconv":
+        w_new = w[out_keep]
+        in_keep = out_keep
+    else:
+        in_keep = plan.keep[lv.x]
+        removed = torch.ones(w.shape[1], dtype=torch.bool)
+        removed[in_keep] = False
+        if removed.any():
+            k = consts[lv.x][removed].nan_to_num(0.0)
+            if (k != 0).any():
+                wsum = w[:, removed].reshape(c_out, int(removed.sum()), -1).sum(-1)
+                bias = bias + (wsum * k).sum(1)
+                has_bias = True
+        w_new = w[:, in_keep]
+    w_new = w_new[out_keep] if lv.kind != "dwconv" else w_new
+    scale = s[out_keep].view((-1,) + (1,) * (w.dim() - 1))
+    w_new = (w_new * scale).contiguous()
+    b_new = (bias * s + b)[out_keep].contiguous()
+    if isinstance(m, nn.Linear):
+        new = nn.Linear(len(in_keep), len(out_keep), bias=has_bias, device="meta")
+    else:
+        groups = len(out_keep) if lv.kind == "dwconv" else 1
+        cls = type(m)
+        new = cls(len(in_keep), len(out_keep), m.kernel_size, stride=m.stride, padding=m.padding,
+                  dilation=m.dilation, groups=groups, bias=has_bias, device="meta")
+    new.weight = nn.Parameter(w_new.to(m.weight.dtype))
+    if has_bias:
+        new.bias = nn.Parameter(b_new.to(m.weight.dtype))
+    plan.modules[lv.path] = new
+    plan.module_of_node[n] = lv.path
+
+
+def _plan_fixed_layer(gm, plan: ExportPlan, n: fx.Node) -> None:
+    """A layer kept whole: only its weight mask is applied."""
+    lv = layer_view(gm, n)
+    new = copy.deepcopy(lv.module)
+    with torch.no_grad():
+        new.weight.copy_(effective_weight(gm, lv))
+    plan.modules[lv.path] = new
+    plan.module_of_node[n] = lv.path
+    plan.analysis.layers[n] = lv
+
+
+def _plan_norm(gm, plan: ExportPlan, n: fx.Node, kinds, gv) -> None:
+    bn = module_of(gm, n)
+    chain = _chain(n, kinds, plan.alive, allow_bn=False)
+    keep = plan.keep[n]
+    c = bn.num_features
+    g = torch.ones(c)
+    for u in chain:
+        gu = gv[u]
+        g = g * (gu.reshape(-1).expand(c) if gu.dim() else gu.expand(c))
+        plan.folded_into[u] = n
+    affine = bn.affine or bool(chain)
+    new = type(bn)(len(keep), eps=bn.eps, momentum=bn.momentum, affine=affine,
+                   track_running_stats=bn.track_running_stats)
+    with torch.no_grad():
+        if bn.track_running_stats:
+            new.running_mean.copy_(bn.running_mean[keep])
+            new.running_var.copy_(bn.running_var[keep])
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+        if affine:
+            w = bn.weight.detach() if bn.affine else torch.ones(c)
+            bias = bn.bias.detach() if bn.affine else torch.zeros(c)
+            new.weight.copy_((w * g)[keep])
+            new.bias.copy_((bias * g)[keep])
+    plan.modules[str(n.target)] = new
+    plan.module_of_node[n] = str(n.target)
+
+
+def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
+    """Build the compact GraphModule that ``plan`` describes."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    kinds = plan.analysis.kinds
+    root = nn.Module()
+    for path, m in plan.modules.items():
+        _set_path(root, path, m)
+    for target, t in plan.attrs.items():
+        _set_attr(root, target, t)
+
+    def arg(a):
+        return fx.node.map_arg(a, lambda x: env[x])
+
+    for n in gm.graph.nodes:
+        if n not in plan.alive:
+            continue
+        if n in plan.folded_into:
+            env[n] = env[plan.folded_into[n]]
+            continue
+        k = kinds.get(n)
+        if n.op == "placeholder":
+            env[n] = graph.node_copy(n)
+        elif n.op == "output":
+            graph.output(arg(n.args[0]))
+        elif n in plan.analysis.layers:
+            env[n] = graph.call_module(plan.module_of_node[n], (env[plan.analysis.layers[n].x],))
+        elif k == Kind.BN:
+            env[n] = graph.call_module(plan.module_of_node[n], (env[n.args[0]],))
+        elif k == Kind.GATE_OP:
+            env[n] = graph.call_function(operator.mul, (env[n.args[0]], plan.literals[n]))
+        elif k == Kind.ADD:
+            live = [a for a in n.args if isinstance(a, fx.Node) and a not in plan.zero]
+            env[n] = env[live[0]] if len(live) == 1 else graph.node_copy(n, lambda x: env[x])
+        elif n.op == "get_attr":
+            if str(n.target) in plan.attrs:
+                env[n] = graph.get_attr(n.target)
+        elif k == Kind.GATE_WEIGHT:
+            continue
+        else:
+            env[n] = graph.node_copy(n, lambda x: env[x])
+        if n in env and env[n] is not None and env[n].op != "placeholder":
+            env[n].meta["tensor_meta"] = n.meta.get("tensor_meta")
+    compact = fx.GraphModule(root, graph, "CompactModel")
+    compact.graph.eliminate_dead_code()
+    compact.recompile()
+    compact.eval()
+    return compact
+
+
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent = root
+    parts = path.split(".")
+    for p in parts[:-1]:
+        if not hasattr(parent, p):
+            parent.add_module(p, nn.Module())
+        parent = getattr(parent, p)
+    parent.add_module(parts[-1], module)
+
+
+def _set_attr(root: nn.Module, target: str, t: torch.Tensor) -> None:
+    parent = root
+    parts = target.split(".")
+    for p in parts[:-1]:
+        if not hasattr(parent, p):
+            parent.add_module(p, nn.Module())
+        parent = getattr(parent, p)
+    if isinstance(t, nn.Parameter):
+        parent.register_parameter(parts[-1], nn.Parameter(t.detach().clone()))
+    else:
+        parent.register_buffer(parts[-1], t.detach().clone())
+
+
+class Export(PassBase):
+    """Transform: gated GraphModule -> compact GraphModule (a new module; the input is kept)."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        return PassResult(build_export(gm, plan_export(gm)), True)
+
+
+def export_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """Functional form of :class:`Export`."""
+    return Export()(gm).graph_module

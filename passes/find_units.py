@@ -1,0 +1,181 @@
+"""``find_units``: an analysis pass that finds the searchable units of a traced graph.
+
+Requires meta: ``tensor_meta`` (run ``granular.passes.trace`` first).
+Produces meta:
+    ``granular.sum``      on each root of a visible sum (a flattened tree of adds);
+    ``granular.op_unit``  on the tail node of each operation unit;
+    ``granular.member``   on each node of an operation unit (innermost unit's id);
+    ``granular.layer``    on each conv/linear node: its kind, threshold scope, and whether
+                          it gets a filter gate and a weight mask.
+
+Operation units (MG-DARTS's α level) are the branches that join a sum: the nodes that feed
+only that input of the sum, back to the fork. An input that is the fork itself (the identity
+skip of a residual block) is never a unit. Before/after on a residual block::
+
+    x -> conv1 -> bn1 -> relu -> conv2 -> bn2 ─┐
+    x ─────────────────────────────────────────+-> out     unit: {conv1 .. bn2}, skip: none
+
+Filter units are the output channels of conv/linear layers whose channels are not fixed by
+the channel analysis (``granular.passes._channels``); weight units are the layer weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from granular.config import GateConfig
+from granular.meta import LAYER, MEMBER, OP_UNIT, SUM, LayerInfo, OpUnit
+from granular.passes._channels import analyze_channels
+from granular.passes._graph import Kind, find_sums, layer_view, node_kind
+
+__all__ = ["FindUnits", "find_units", "sanitize"]
+
+log = logging.getLogger(__name__)
+
+
+def sanitize(path: str) -> str:
+    """A module path as a ModuleDict key: dots become underscores."""
+    return path.replace(".", "_") or "root"
+
+
+def _branch(leaf: fx.Node, tree: set[fx.Node]) -> set[fx.Node] | None:
+    """Nodes that feed only ``leaf`` (and through it the sum), or None for an identity input."""
+    if leaf.op in ("placeholder", "get_attr") or any(u not in tree for u in leaf.users):
+        return None
+    members = {leaf}
+    stack = [leaf]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a in members or a.op == "placeholder":
+                continue
+            if all(u in members for u in a.users):
+                members.add(a)
+                stack.append(a)
+    if all(m.op == "get_attr" for m in members):
+        return None
+    return members
+
+
+def _common_path(paths: list[str]) -> str:
+    if not paths:
+        return ""
+    parts = [p.split(".") for p in paths]
+    common = []
+    for level in zip(*parts):
+        if all(x == level[0] for x in level):
+            common.append(level[0])
+        else:
+            break
+    return ".".join(common)
+
+
+def _module_paths(gm: fx.GraphModule, nodes: set[fx.Node]) -> list[str]:
+    paths = []
+    for n in nodes:
+        if n.op == "call_module":
+            paths.append(str(n.target))
+        elif n.op == "get_attr":
+            paths.append(str(n.target).rsplit(".", 1)[0])
+    return paths
+
+
+class FindUnits(PassBase):
+    """Analysis: mark sums, operation units and gated layers in ``node.meta``."""
+
+    def __init__(self, config: GateConfig | None = None):
+        self.config = config or GateConfig()
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for n in gm.graph.nodes:
+            if n.op not in ("output",) and "tensor_meta" not in n.meta and n.op != "get_attr":
+                if n.op == "placeholder" or n.users:
+                    raise RuntimeError(f"{n.format_node()}: no tensor_meta; run trace (ShapeProp) first")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        for n in graph.nodes:
+            for key in (SUM, OP_UNIT, MEMBER, LAYER):
+                n.meta.pop(key, None)
+
+        # 1. Sums and operation units.
+        units: list[tuple[OpUnit, set[fx.Node]]] = []
+        used_ids: set[str] = set()
+        by_name = {n.name: n for n in graph.nodes}
+        for root, info in find_sums(gm).items():
+            root.meta[SUM] = info
+            tree = {by_name[a] for a in info.adds}
+            for leaf_name in info.inputs:
+                leaf = by_name[leaf_name]
+                members = _branch(leaf, tree) if self.config.op_gates else None
+                if members is None:
+                    continue
+                path = _common_path(_module_paths(gm, members))
+                uid = sanitize(path) if path else leaf.name
+                base, k = uid, 1
+                while uid in used_ids:
+                    k += 1
+                    uid = f"{base}_{k}"
+                used_ids.add(uid)
+                order = [n.name for n in graph.nodes if n in members]
+                unit = OpUnit(id=uid, sum_node=root.name, nodes=tuple(order), path=path)
+                leaf.meta[OP_UNIT] = unit
+                units.append((unit, members))
+        # Innermost unit wins: assign larger branches first, smaller ones overwrite.
+        for unit, members in sorted(units, key=lambda um: -len(um[1])):
+            for n in members:
+                n.meta[MEMBER] = unit.id
+
+        # 2. Layers: which get filter gates and weight masks, and whose thresholds they use.
+        analysis = analyze_channels(gm)
+        after_layer: dict[fx.Node, bool] = {}
+        for n in graph.nodes:
+            after_layer[n] = any(after_layer.get(a, False) or layer_view(gm, a) is not None
+                                 for a in n.all_input_nodes)
+        n_layers = 0
+        for n in graph.nodes:
+            lv = layer_view(gm, n)
+            if lv is None:
+                continue
+            n_layers += 1
+            out_classes = set(analysis.slots.get(n, []))
+            head = bool(out_classes) and out_classes <= analysis.fixed
+            stem = not after_layer[lv.x] and lv.x.op == "placeholder" or not after_layer[lv.x]
+            producer = node_kind(gm, n) == Kind.LAYER and lv.kind in ("conv", "linear")
+            filter_gate = (self.config.filter_gates and producer and not head
+                           and not _gate_would_precede_bn(gm, n))
+            weight_mask = (self.config.weight_masks and lv.kind in ("conv", "dwconv", "gconv", "linear")
+                           and (self.config.mask_stem or not stem) and (self.config.mask_head or not head))
+            scope = n.meta.get(MEMBER) or sanitize(lv.path)
+            n.meta[LAYER] = LayerInfo(module=lv.path, kind=lv.kind, scope=scope,
+                                      filter_gate=filter_gate, weight_mask=weight_mask)
+        log.info("find_units: %d operation units, %d layers", len(units), n_layers)
+        return PassResult(gm, True)
+
+
+def _gate_would_precede_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when the layer's output reaches a BatchNorm only through other nodes (a concat,
+    say): a filter gate there would sit before the norm, which cancels it in training mode."""
+    users = list(node.users)
+    if len(users) == 1 and node_kind(gm, users[0]) == Kind.BN:
+        return False
+    frontier, seen = list(users), set()
+    while frontier:
+        u = frontier.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        k = node_kind(gm, u)
+        if k == Kind.BN:
+            return True
+        if k in (Kind.CAT, Kind.POINTWISE, Kind.SLICE, Kind.PAD, Kind.SCALE):
+            frontier.extend(u.users)
+    return False
+
+
+def find_units(gm: fx.GraphModule, config: GateConfig | None = None) -> fx.GraphModule:
+    """Functional form of :class:`FindUnits`; returns ``gm`` (annotated in place)."""
+    return FindUnits(config)(gm).graph_module
