@@ -1,0 +1,138 @@
+"""Registry of search spaces: super-nets that granular prunes.
+
+A search space is a builder ``fn(num_classes, in_channels, **overrides) -> nn.Module``
+registered under a name with :func:`register_search_space` (the timm ``register_model``
+pattern: a private module-level dict, a warning on overwrite, ``list_*`` and ``get_*``
+helpers). A builder may carry named presets; a spec string is ``name`` (the default preset,
+if any) or ``name:preset``. Overrides given to the builder win over preset values.
+
+Registered here: ``darts`` (the DARTS search network of Liu et al. 2019, arXiv:1806.09055,
+as searched by MG-DARTS), presets ``tiny``, ``small`` (the default) and ``large``.
+
+Example::
+
+    from granular.search_spaces import build_search_space
+    net = build_search_space("darts:tiny", num_classes=10, in_channels=1)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Callable, Mapping, NamedTuple
+
+import torch.nn as nn
+
+from granular.errors import GranularError
+
+__all__ = [
+    "register_search_space",
+    "list_search_spaces",
+    "get_search_space",
+    "build_search_space",
+]
+
+
+class _Entry(NamedTuple):
+    builder: Callable[..., nn.Module]
+    presets: dict[str, dict]
+    default_preset: str | None
+
+
+_SEARCH_SPACES: dict[str, _Entry] = {}
+
+
+def register_search_space(name: str, *, presets: Mapping[str, Mapping] | None = None,
+                          default_preset: str | None = None) -> Callable:
+    """Decorator that registers a search-space builder under ``name``.
+
+    Args:
+        name: Registry name; must not contain ``:``.
+        presets: Optional ``{preset: builder kwargs}``, resolvable as ``name:preset``.
+        default_preset: Preset used for the bare ``name``; ``None`` means the builder's own
+            defaults.
+
+    Returns:
+        A decorator that registers ``fn`` and returns it unchanged.
+
+    Raises:
+        ValueError: If ``name`` contains ``:`` or ``default_preset`` is not a preset.
+    """
+    if ":" in name or not name:
+        raise ValueError(f"search space name must be non-empty and contain no ':', got {name!r}")
+    presets = {k: dict(v) for k, v in (presets or {}).items()}
+    if default_preset is not None and default_preset not in presets:
+        raise ValueError(f"default_preset {default_preset!r} of {name!r} is not a preset")
+
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _SEARCH_SPACES:
+            warnings.warn(f"overwriting search space {name!r}", stacklevel=2)
+        _SEARCH_SPACES[name] = _Entry(fn, presets, default_preset)
+        return fn
+
+    return decorator
+
+
+def list_search_spaces() -> list[str]:
+    """All resolvable spec strings, sorted: each name, then each ``name:preset``."""
+    specs = []
+    for name in sorted(_SEARCH_SPACES):
+        specs.append(name)
+        specs.extend(f"{name}:{p}" for p in sorted(_SEARCH_SPACES[name].presets))
+    return specs
+
+
+def get_search_space(spec: str) -> Callable[..., nn.Module]:
+    """Resolve a spec (``name`` or ``name:preset``) to a builder.
+
+    Args:
+        spec: The spec string.
+
+    Returns:
+        ``builder(num_classes, in_channels, **overrides) -> nn.Module`` with the preset's
+        keyword arguments bound (overrides passed at call time win).
+
+    Raises:
+        GranularError: If the name or the preset is unknown (one-line message listing the
+            known specs).
+    """
+    name, sep, preset = str(spec).strip().partition(":")
+    entry = _SEARCH_SPACES.get(name)
+    if entry is None or (sep and preset not in entry.presets):
+        what = "search space" if entry is None else "preset of search space"
+        raise GranularError(f"unknown {what} {spec!r}; known: {', '.join(list_search_spaces())}")
+    if not sep:
+        preset = entry.default_preset
+    if preset is None:
+        return entry.builder
+    return functools.partial(entry.builder, **entry.presets[preset])
+
+
+def build_search_space(spec: str, num_classes: int, in_channels: int,
+                       **overrides) -> nn.Module:
+    """Build the super-net named by ``spec``.
+
+    Args:
+        spec: ``name`` or ``name:preset`` (see :func:`list_search_spaces`).
+        num_classes: Classifier outputs.
+        in_channels: Input image channels.
+        **overrides: Builder keyword arguments (for ``darts``: ``cells``, ``C``, ``nodes``,
+            ``stem_multiplier``); they win over the preset.
+
+    Returns:
+        The freshly initialised model.
+
+    Raises:
+        GranularError: If the spec is unknown or an override is not accepted by the builder.
+    """
+    builder = get_search_space(spec)
+    try:
+        inspect.signature(builder).bind(num_classes, in_channels, **overrides)
+    except TypeError as e:
+        raise GranularError(f"bad overrides for search space {spec!r}: {e}") from None
+    return builder(num_classes, in_channels, **overrides)
+
+
+# Importing the space modules registers them.
+from granular.search_spaces import darts as _darts  # noqa: E402,F401
