@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "long_tailed_step", "step_grad", "OpGate", "FilterGate", "WeightMask", "Scope", "GateBank",
+    "long_tailed_step", "step_grad", "gate_reference", "weight_mask_reference", "OpGate", "FilterGate", "WeightMask", "Scope", "GateBank",
     "GATE_ROOT",
 ]
 
@@ -56,10 +56,66 @@ def long_tailed_step(x: torch.Tensor) -> torch.Tensor:
     return _LongTailedStep.apply(x)
 
 
-def _gate_value(g: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, training: bool):
+class _SigmoidGate(torch.autograd.Function):
+    """``stored * S(σ(a) - t) * σ(a)`` as one autograd node (σ(a) > 0, so |σ(a)| = σ(a)).
+
+    Fused because a super-net has thousands of gates on small tensors, where the autograd
+    bookkeeping of the five elementwise ops would cost more than the arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, a, t, mask):
+        s = torch.sigmoid(a)
+        x = s - t
+        keep = (x >= 0).to(s.dtype)
+        ctx.save_for_backward(s, x, keep, mask)
+        return keep * s * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, x, keep, mask = ctx.saved_tensors
+        gm = grad * mask
+        ds = step_grad(x) * s          # d/dx of S, times σ(a)
+        grad_a = gm * (keep + ds) * s * (1 - s)
+        grad_t = -(gm * ds).sum().reshape(()) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_t, None
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``stored * S(|w| - t) * w`` as one autograd node (see :class:`_SigmoidGate`)."""
+
+    @staticmethod
+    def forward(ctx, w, t, mask):
+        x = w.abs() - t
+        keep = (x >= 0).to(w.dtype) * mask
+        ctx.save_for_backward(w, x, keep, mask)
+        return w * keep
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, x, keep, mask = ctx.saved_tensors
+        d = grad * mask * step_grad(x)
+        grad_w = grad * keep + d * w.abs()
+        grad_t = -(d * w).sum().reshape(()) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_t, None
+
+
+def _gate_value(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, training: bool):
+    """The scaled gate ``M(σ(a))``: thresholded in training, stored mask only in eval."""
     if training:
-        return long_tailed_step(g.abs() - t) * g * mask
-    return g * mask
+        return _SigmoidGate.apply(a, t, mask)
+    return torch.sigmoid(a) * mask
+
+
+def gate_reference(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unfused ``mask * S(|σ(a)| - t) * σ(a)``, the formula as written (tests compare to it)."""
+    g = torch.sigmoid(a)
+    return long_tailed_step(g.abs() - t) * g * mask
+
+
+def weight_mask_reference(w: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unfused ``mask * S(|w| - t) * w``."""
+    return long_tailed_step(w.abs() - t) * w * mask
 
 
 class OpGate(nn.Module):
@@ -71,7 +127,7 @@ class OpGate(nn.Module):
         self.register_buffer("mask", torch.ones(()))
 
     def value(self, t_alpha: torch.Tensor) -> torch.Tensor:
-        return _gate_value(torch.sigmoid(self.alpha), t_alpha, self.mask, self.training)
+        return _gate_value(self.alpha, t_alpha, self.mask, self.training)
 
     def forward(self, x: torch.Tensor, t_alpha: torch.Tensor) -> torch.Tensor:
         return x * self.value(t_alpha)
@@ -86,7 +142,7 @@ class FilterGate(nn.Module):
         self.register_buffer("mask", torch.ones(channels))
 
     def value(self, t_beta: torch.Tensor) -> torch.Tensor:
-        return _gate_value(torch.sigmoid(self.beta), t_beta, self.mask, self.training)
+        return _gate_value(self.beta, t_beta, self.mask, self.training)
 
     def forward(self, x: torch.Tensor, t_beta: torch.Tensor) -> torch.Tensor:
         g = self.value(t_beta)
@@ -108,7 +164,7 @@ class WeightMask(nn.Module):
 
     def forward(self, weight: torch.Tensor, t_omega: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return long_tailed_step(weight.abs() - t_omega) * weight * self.mask
+            return _MaskedWeight.apply(weight, t_omega, self.mask)
         return weight * self.mask
 
 

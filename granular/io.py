@@ -231,6 +231,8 @@ def _import_lines_for_global(name: str, obj: Any) -> list[str]:
         return [custom.import_str]
     if getattr(builtins, name, None) is obj:
         return []
+    if isinstance(obj, str):  # a string annotation (``from __future__ import annotations``)
+        return [f"{name} = {obj!r}"]
     if name in _RESERVED_NAMES:
         raise GranularError(
             f"cannot save: the graph uses a global named {name!r}, which model.py reserves"

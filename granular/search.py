@@ -1,0 +1,546 @@
+"""The search driver: Algorithm 1 of METHOD.md (adaptive pruning), single stage.
+
+One-level SGD trains the weights, the gates (α, β) and the thresholds (t_α, t_β, t_ω) on
+the training batch with ``L = CE + λ (L_res + L_thr)``. After ``warmup_epochs`` of weights-only
+training the thresholds are initialised (``min`` or ``zero`` rule) and every ``prune_every``
+epochs a pruning round:
+
+1. stores the live masks (units whose masked value is zero are removed);
+2. re-opens the best op of any sum that lost all of them (last-op protection);
+3. counts the exported model exactly (:func:`granular.count_params`) and stops at the target;
+   if the round overshoots, only the units furthest below their thresholds are committed,
+   just enough to meet the target ("landing");
+4. adapts λ: halve it (and reset Δ) when the round pruned too much, add ``Δ *= 4`` when too
+   little, both measured against the remaining excess over the target.
+
+The driver never edits the graph: pruning only changes stored masks (buffers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from granular.accounting import ParamCount, count_params, export
+from granular.config import SearchConfig
+from granular.errors import CheckpointError, GranularError, TargetError
+from granular.gates import GATE_ROOT
+from granular.meta import GATE, LAYER, OP_UNIT, SUM
+from granular.testing import protect_last_ops_
+
+__all__ = ["search", "SearchResult", "Searcher", "param_groups", "reachable_floor", "retention"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+def param_groups(gm: fx.GraphModule) -> dict[str, list[nn.Parameter]]:
+    """Split parameters into METHOD.md's groups: weights, gates (α, β), t_α/t_β, t_ω."""
+    groups: dict[str, list[nn.Parameter]] = {"weights": [], "gates": [], "thresholds": [], "t_omega": []}
+    for name, p in gm.named_parameters():
+        if not name.startswith(GATE_ROOT + "."):
+            groups["weights"].append(p)
+        elif name.endswith(".t_omega"):
+            groups["t_omega"].append(p)
+        elif name.endswith((".t_alpha", ".t_beta")):
+            groups["thresholds"].append(p)
+        else:
+            groups["gates"].append(p)
+    return groups
+
+
+def _bank(gm):
+    if not hasattr(gm, GATE_ROOT):
+        raise GranularError("the model has no gates: pass the result of granular.prepare(model, inputs)")
+    return getattr(gm, GATE_ROOT)
+
+
+@dataclass
+class _Structure:
+    """What the loss and the rounds need to know about the gated graph, read once from meta."""
+
+    sums: list[list[str]]                  # op-unit keys per sum (sums with unit inputs only)
+    layer_scope: dict[str, str]            # weight-mask key -> scope
+    filter_scope: dict[str, str]           # filter-gate key -> scope
+    weight_of: dict[str, nn.Parameter]     # weight-mask key -> the masked weight
+    op_paths: dict[str, str]               # op key -> module path
+
+
+def _structure(gm: fx.GraphModule) -> _Structure:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    sums, layer_scope, filter_scope, weight_of, op_paths = [], {}, {}, {}, {}
+    for n in gm.graph.nodes:
+        info = n.meta.get(SUM)
+        if info is not None:
+            keys = [by_name[i].meta[GATE].key for i in info.inputs
+                    if i in by_name and GATE in by_name[i].meta and by_name[i].meta[GATE].kind == "op"]
+            if keys:
+                sums.append(keys)
+        g = n.meta.get(GATE)
+        if g is not None and g.kind == "weight":
+            layer_scope[g.key] = g.scope
+            weight_of[g.key] = gm.get_parameter(n.args[0].target)
+        elif g is not None and g.kind == "filter":
+            filter_scope[g.key] = g.scope
+        if OP_UNIT in n.meta:
+            op_paths[n.meta[OP_UNIT].id] = n.meta[OP_UNIT].path
+    return _Structure(sums, layer_scope, filter_scope, weight_of, op_paths)
+
+
+def retention(gm: fx.GraphModule) -> dict[str, float]:
+    """Fraction of units kept (stored mask 1) per granularity."""
+    bank = _bank(gm)
+
+    def frac(masks):
+        masks = list(masks)
+        tot = sum(m.numel() for m in masks)
+        return float(sum(float(m.sum()) for m in masks) / tot) if tot else 1.0
+
+    return {"op": frac(m.mask for m in bank.op.values()),
+            "filter": frac(m.mask for m in bank.filter.values()),
+            "weight": frac(m.mask for m in bank.weight.values())}
+
+
+def _threshold_means(gm) -> dict[str, float]:
+    bank = _bank(gm)
+    out = {}
+    for t in ("t_alpha", "t_beta", "t_omega"):
+        vals = [getattr(s, t).item() for s in bank.scopes.values() if hasattr(s, t)]
+        out[t] = sum(vals) / len(vals) if vals else float("nan")
+    return out
+
+
+@torch.no_grad()
+def reachable_floor(gm: fx.GraphModule) -> ParamCount:
+    """The smallest count pruning can reach: every prunable unit removed, one op kept per
+    sum (the cheapest), one channel kept per tensor."""
+    bank = _bank(gm)
+    saved = {k: v.clone() for k, v in bank.state_dict().items() if k.endswith("mask")}
+    try:
+        for m in bank.op.values():
+            m.mask.zero_()
+        for m in bank.filter.values():
+            m.mask.zero_()
+        for m in bank.weight.values():
+            m.mask.zero_()
+        protect_last_ops_(gm)
+        return count_params(gm)
+    finally:
+        bank.load_state_dict({**bank.state_dict(), **saved})
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` returns.
+
+    Attributes:
+        gm: the gated graph, with the final stored masks.
+        compact: the exported compact model (plain PyTorch, eval mode).
+        params: its parameter count.
+        reached: whether the target was met.
+        epochs: epochs run.
+        val_accuracy: validation accuracy of the compact model (None without validation data).
+        history: the per-epoch metrics.
+    """
+
+    gm: fx.GraphModule
+    compact: fx.GraphModule
+    params: ParamCount
+    reached: bool
+    epochs: int
+    val_accuracy: Optional[float]
+    history: list[dict] = field(default_factory=list)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Searcher:
+    """Runs Algorithm 1 on a gated graph. Use :func:`search` unless you need the pieces."""
+
+    def __init__(self, gm: fx.GraphModule, data, config: SearchConfig, *, run_dir: Path | None = None,
+                 progress: bool = True, device: str | torch.device = "cpu", val_loader_fn=None):
+        self.gm = gm.to(device)
+        self.device = torch.device(device)
+        self.data = data
+        self.cfg = config
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.progress = progress
+        self.bank = _bank(gm)
+        self.struct = _structure(gm)
+        groups = param_groups(gm)
+        c = config
+        self.opt_w = torch.optim.SGD(groups["weights"], lr=c.lr_weights, momentum=c.momentum,
+                                     weight_decay=c.weight_decay)
+        arch = [{"params": groups["gates"], "lr": c.lr_gates},
+                {"params": groups["thresholds"], "lr": c.lr_thresholds},
+                {"params": groups["t_omega"], "lr": c.lr_t_omega}]
+        self.opt_a = torch.optim.SGD([g for g in arch if g["params"]], lr=c.lr_gates, momentum=c.momentum,
+                                     weight_decay=0.0)
+        self.weights = groups["weights"]
+        self.state: dict[str, Any] = {"epoch": 0, "lambda": 0.0, "delta": c.lambda_step, "rounds": 0,
+                                      "params": None, "done": False, "reached": False,
+                                      "thresholds_initialised": False}
+        self.history: list[dict] = []
+        self._op_cost: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- losses
+    def _resource_loss(self) -> torch.Tensor:
+        terms = []
+        mu = self.cfg.mu
+        for keys in self.struct.sums:
+            active = [k for k in keys if float(self.bank.op[k].mask) > 0]
+            if not active:
+                continue
+            s = torch.sigmoid(torch.stack([self.bank.op[k].alpha for k in active]))
+            n = len(active)
+            term = torch.log1p(n * s / s.sum())
+            if mu:
+                cost = torch.tensor([self._op_cost.get(k, 0.0) for k in active], device=s.device)
+                term = term * (1 + mu * cost)
+            terms.append(term.sum())
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
+
+    def _threshold_loss(self) -> torch.Tensor:
+        ts = []
+        for sid, scope in self.bank.scopes.items():
+            if sid in self.bank.op and float(self.bank.op[sid].mask) == 0:
+                continue
+            for name in ("t_alpha", "t_beta", "t_omega"):
+                if hasattr(scope, name):
+                    ts.append(getattr(scope, name))
+        return torch.exp(-torch.stack(ts)).sum() if ts else torch.zeros((), device=self.device)
+
+    # ----------------------------------------------------------------- thresholds
+    @torch.no_grad()
+    def init_thresholds(self) -> None:
+        """Set every threshold by the configured rule (METHOD.md 'Threshold initialisation')."""
+        zero = self.cfg.threshold_init == "zero"
+        for sid, scope in self.bank.scopes.items():
+            if hasattr(scope, "t_alpha"):
+                scope.t_alpha.fill_(0.0 if zero else float(torch.sigmoid(self.bank.op[sid].alpha)))
+            if hasattr(scope, "t_beta"):
+                vals = [torch.sigmoid(self.bank.filter[k].beta)[self.bank.filter[k].mask > 0]
+                        for k, s in self.struct.filter_scope.items() if s == sid]
+                vals = torch.cat(vals) if vals else torch.zeros(0)
+                scope.t_beta.fill_(0.0 if zero or not vals.numel() else float(vals.min()))
+            if hasattr(scope, "t_omega"):
+                vals = [self.struct.weight_of[k].abs()[self.bank.weight[k].mask > 0]
+                        for k, s in self.struct.layer_scope.items() if s == sid]
+                vals = torch.cat(vals) if vals else torch.zeros(0)
+                scope.t_omega.fill_(0.0 if zero or not vals.numel() else float(vals.min()))
+        self.state["thresholds_initialised"] = True
+
+    # ----------------------------------------------------------------- training
+    def train_epoch(self, epoch: int, warmup: bool, bar=None) -> dict[str, float]:
+        gm, cfg = self.gm, self.cfg
+        gm.train()
+        loader = self.data.train_loader(epoch)
+        lam = 0.0 if warmup else self.state["lambda"]
+        tot = correct = 0
+        sum_loss = sum_ce = 0.0
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(self.device), y.to(self.device)
+            out = gm(x)
+            ce = F.cross_entropy(out, y)
+            loss = ce
+            if lam > 0:
+                loss = ce + lam * (self._resource_loss() + self._threshold_loss())
+            self.opt_w.zero_grad(set_to_none=True)
+            self.opt_a.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.weights, cfg.grad_clip)
+            self.opt_w.step()
+            if not warmup:
+                self.opt_a.step()
+            n = y.numel()
+            tot += n
+            correct += int((out.argmax(1) == y).sum())
+            sum_loss += float(loss.detach()) * n
+            sum_ce += float(ce.detach()) * n
+            if bar is not None:
+                bar(i + 1, sum_loss / tot, correct / tot)
+        return {"loss": sum_loss / max(tot, 1), "ce": sum_ce / max(tot, 1), "train_acc": correct / max(tot, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> Optional[float]:
+        if not hasattr(self.data, "val_loader"):
+            return None
+        was = model.training
+        model.eval()
+        tot = correct = 0
+        for x, y in self.data.val_loader():
+            out = model(x.to(self.device))
+            correct += int((out.argmax(1) == y.to(self.device)).sum())
+            tot += y.numel()
+        model.train(was)
+        return correct / tot if tot else None
+
+    # ----------------------------------------------------------------- pruning
+    @torch.no_grad()
+    def _candidates(self) -> list[tuple[float, str, str, Optional[torch.Tensor]]]:
+        """Units whose live mask is 0 but stored mask 1: (normalised margin, kind, key, index)."""
+        out = []
+        b = self.bank
+        for k, m in b.op.items():
+            t = b.scopes[k].t_alpha
+            g = torch.sigmoid(m.alpha)
+            if float(m.mask) > 0 and float(g) < float(t):
+                out.append((float((g - t) / t.abs().clamp_min(1e-12)), "op", k, None))
+        for k, m in b.filter.items():
+            t = b.scopes[self.struct.filter_scope[k]].t_beta
+            g = torch.sigmoid(m.beta)
+            idx = torch.nonzero((m.mask > 0) & (g < t)).flatten()
+            for i in idx.tolist():
+                out.append((float((g[i] - t) / t.abs().clamp_min(1e-12)), "filter", k, i))
+        for k, m in b.weight.items():
+            t = b.scopes[self.struct.layer_scope[k]].t_omega
+            w = self.struct.weight_of[k].abs()
+            sel = (m.mask > 0) & (w < t)
+            if sel.any():
+                idx = torch.nonzero(sel.flatten()).flatten()
+                margins = ((w.flatten()[idx] - t) / t.abs().clamp_min(1e-12)).tolist()
+                out.extend((mg, "weight", k, i) for mg, i in zip(margins, idx.tolist()))
+        return out
+
+    @torch.no_grad()
+    def _commit(self, cands) -> None:
+        b = self.bank
+        per_weight: dict[str, list[int]] = {}
+        for _, kind, key, idx in cands:
+            if kind == "op":
+                b.op[key].mask.zero_()
+            elif kind == "filter":
+                b.filter[key].mask[idx] = 0
+            else:
+                per_weight.setdefault(key, []).append(idx)
+        for key, idxs in per_weight.items():
+            b.weight[key].mask.view(-1)[torch.tensor(idxs, dtype=torch.long)] = 0
+
+    @torch.no_grad()
+    def _protect(self) -> None:
+        """Last-op protection: keep the best op of every sum, and keep it live in training."""
+        prefer = {k: float(torch.sigmoid(m.alpha) - self.bank.scopes[k].t_alpha) for k, m in self.bank.op.items()}
+        for k in protect_last_ops_(self.gm, prefer):
+            g = float(torch.sigmoid(self.bank.op[k].alpha))
+            t = self.bank.scopes[k].t_alpha
+            t.fill_(min(float(t), g))
+
+    def _masks(self):
+        return {k: v.clone() for k, v in self.bank.state_dict().items() if k.endswith("mask")}
+
+    def _restore(self, masks):
+        self.bank.load_state_dict({**self.bank.state_dict(), **masks})
+
+    @torch.no_grad()
+    def pruning_round(self) -> dict[str, Any]:
+        cfg = self.cfg
+        target = cfg.target_params
+        before = self.state["params"] or count_params(self.gm).nonzero
+        saved = self._masks()
+        cands = self._candidates()
+        self._commit(cands)
+        self._protect()
+        count = count_params(self.gm)
+        landed = False
+        if count.nonzero <= target and cfg.land and before > target and cands:
+            # Commit only the units furthest below their thresholds, just enough for the target.
+            order = sorted(cands, key=lambda c: c[0])
+            lo, hi = 1, len(order)
+            best = count
+            while lo < hi:
+                mid = (lo + hi) // 2
+                self._restore(saved)
+                self._commit(order[:mid])
+                self._protect()
+                c = count_params(self.gm)
+                if c.nonzero <= target:
+                    hi, best = mid, c
+                else:
+                    lo = mid + 1
+            self._restore(saved)
+            self._commit(order[:hi])
+            self._protect()
+            count = count_params(self.gm)
+            landed = True
+        pruned = before - count.nonzero
+        scale = max(before - target, cfg.excess_floor * target, 1)
+        frac = pruned / scale
+        if frac > cfg.prune_high:
+            self.state["lambda"] /= 2
+            self.state["delta"] = cfg.lambda_step
+            adapt = "halve"
+        elif frac < cfg.prune_low:
+            self.state["delta"] *= 4
+            self.state["lambda"] += self.state["delta"]
+            adapt = "raise"
+        else:
+            adapt = "keep"
+        self.state["params"] = count.nonzero
+        self.state["params_total"] = count.total
+        self.state["rounds"] += 1
+        if self.cfg.mu:
+            self._update_op_cost()
+        if count.nonzero <= target:
+            self.state["done"] = self.state["reached"] = True
+        return {"round": self.state["rounds"], "pruned_params": pruned, "units_below": len(cands),
+                "landed": landed, "lambda_update": adapt}
+
+    def _update_op_cost(self) -> None:
+        """cost(op) for the μ term: the op's live weights, normalised by the largest op's."""
+        costs = {key: 0.0 for key in self.struct.op_paths}
+        for k, scope in self.struct.layer_scope.items():
+            if scope in costs:
+                costs[scope] += float(self.bank.weight[k].mask.sum())
+        top = max(costs.values(), default=0.0) or 1.0
+        self._op_cost = {k: v / top for k, v in costs.items()}
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        state = {"format": 1, "config": self.cfg.to_dict(), "state": self.state, "history": self.history,
+                 "model": self.gm.state_dict(), "opt_w": self.opt_w.state_dict(), "opt_a": self.opt_a.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+        _atomic_torch_save(state, self.run_dir / CHECKPOINT)
+
+    def resume(self, path: Path) -> None:
+        try:
+            ck = torch.load(path, map_location=self.device, weights_only=False)
+            if not isinstance(ck, dict) or ck.get("format") != 1:
+                raise ValueError("not a granular checkpoint")
+            self.gm.load_state_dict(ck["model"])
+            self.opt_w.load_state_dict(ck["opt_w"])
+            self.opt_a.load_state_dict(ck["opt_a"])
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is the user's to fix
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise CheckpointError(f"cannot resume from {path}: the checkpoint is corrupt or from another "
+                                  f"run ({first}); delete it to start over") from None
+        self.state.update(ck["state"])
+        self.history = list(ck["history"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        random.setstate(ck["rng"]["python"])
+
+    def _log(self, row: dict) -> None:
+        self.history.append(row)
+        if self.run_dir is not None:
+            with open(self.run_dir / METRICS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # ----------------------------------------------------------------- main loop
+    def run(self) -> SearchResult:
+        cfg = self.cfg
+        from granular._progress import SearchProgress
+        if self.state["params"] is None:
+            self.state["params"] = count_params(self.gm).nonzero
+        with SearchProgress(enabled=self.progress, target=cfg.target_params, epochs=cfg.epochs) as prog:
+            while not self.state["done"] and self.state["epoch"] < cfg.epochs:
+                epoch = self.state["epoch"]
+                warmup = epoch < cfg.warmup_epochs
+                if not warmup and not self.state["thresholds_initialised"]:
+                    self.init_thresholds()
+                t0 = time.time()
+                stats = self.train_epoch(epoch, warmup, prog.batch_callback(epoch, len(self.data.train_loader(epoch))))
+                round_info = {}
+                if not warmup and (epoch + 1 - cfg.warmup_epochs) % cfg.prune_every == 0:
+                    round_info = self.pruning_round()
+                val = self.evaluate(self.gm)
+                self.state["epoch"] = epoch + 1
+                row = {"epoch": epoch + 1, "phase": "warmup" if warmup else "search", **stats, "val_acc": val,
+                       "lambda": self.state["lambda"], "params": self.state["params"],
+                       "params_total": self.state.get("params_total"), "target": cfg.target_params,
+                       **{f"threshold_{k[2:]}": v for k, v in _threshold_means(self.gm).items()},
+                       **{f"keep_{k}": v for k, v in retention(self.gm).items()},
+                       **round_info, "seconds": round(time.time() - t0, 3)}
+                self._log(row)
+                prog.epoch_done(row)
+                self.checkpoint()
+        compact = export(self.gm)
+        params = count_params(self.gm)
+        val = self.evaluate(compact)
+        return SearchResult(gm=self.gm, compact=compact, params=params, reached=bool(self.state["reached"]),
+                            epochs=self.state["epoch"], val_accuracy=val, history=self.history)
+
+
+def check_target(gm: fx.GraphModule, target: int) -> tuple[ParamCount, ParamCount]:
+    """Fail early, in one line, when the target is already met or cannot be reached.
+
+    Returns:
+        (the current count, the reachable floor).
+    """
+    from granular._format import fmt_count
+    now = count_params(gm)
+    if target >= now.nonzero:
+        raise TargetError(f"the model already has {fmt_count(now.nonzero)} nonzero parameters, at or below the "
+                          f"target {fmt_count(target)}: nothing to prune; choose a target below {fmt_count(now.nonzero)}")
+    floor = reachable_floor(gm)
+    if target < floor.nonzero:
+        raise TargetError(f"target {fmt_count(target)} is below the smallest model this graph can reach "
+                          f"({fmt_count(floor.nonzero)} nonzero parameters with every prunable unit removed); "
+                          f"choose a target of at least {fmt_count(floor.nonzero)}")
+    return now, floor
+
+
+def search(gm: fx.GraphModule, train_data, target_params: float | int | None = None,
+           config: SearchConfig | None = None, *, run_dir: str | os.PathLike | None = None,
+           resume: bool = False, progress: bool = True, device: str | torch.device = "cpu") -> SearchResult:
+    """Prune a gated graph to ``target_params`` nonzero parameters (Algorithm 1).
+
+    Args:
+        gm: a gated graph from :func:`granular.prepare`; it is trained in place.
+        train_data: a :class:`granular.data.DataBundle` (or anything with
+            ``train_loader(epoch)`` and optionally ``val_loader()``).
+        target_params: the nonzero-parameter target (overrides ``config.target_params``).
+        config: a :class:`~granular.config.SearchConfig`.
+        run_dir: if given, checkpoints and the metrics log are written there.
+        resume: continue from ``run_dir``'s checkpoint.
+        progress: show rich progress.
+        device: where to train.
+
+    Returns:
+        A :class:`SearchResult` with the exported compact model.
+
+    Raises:
+        TargetError: the target is already met, or below what the graph can reach.
+        CheckpointError: ``resume`` and the checkpoint is unreadable.
+    """
+    cfg = config or SearchConfig()
+    if target_params is not None:
+        cfg = SearchConfig.from_dict({**cfg.to_dict(), "target_params": int(target_params)})
+    if cfg.target_params <= 0:
+        raise TargetError("no target: pass target_params (e.g. 2.2M)")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    searcher = Searcher(gm, train_data, cfg, run_dir=run_dir, progress=progress, device=device)
+    ck = Path(run_dir) / CHECKPOINT if run_dir else None
+    if resume:
+        if ck is None or not ck.exists():
+            raise CheckpointError(f"nothing to resume: no {CHECKPOINT} in {run_dir}; run without --resume")
+        searcher.resume(ck)
+    else:
+        check_target(gm, cfg.target_params)
+    return searcher.run()

@@ -1,0 +1,70 @@
+"""``arch.json``: the discovered architecture, read off the gated graph and its export plan.
+
+For every operation unit: whether it is kept and, per layer, the width kept and the weight
+sparsity. For DARTS spaces the ops are also grouped per cell (``cells``), with the edge and
+op type of each kept op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from granular.accounting import count_params
+from granular.gates import GATE_ROOT
+from granular.meta import LAYER, OP_UNIT
+from granular.passes.export import plan_export
+from granular.search_spaces.darts import describe_op
+
+__all__ = ["architecture"]
+
+
+def architecture(gm: fx.GraphModule) -> dict[str, Any]:
+    """Summarise the architecture that ``export(gm)`` produces."""
+    plan = plan_export(gm)
+    bank = getattr(gm, GATE_ROOT)
+    layers: dict[str, dict[str, Any]] = {}
+    for n in gm.graph.nodes:
+        info = n.meta.get(LAYER)
+        if info is None:
+            continue
+        orig = gm.get_submodule(info.module).weight
+        new = plan.modules.get(info.module) if n in plan.alive else None
+        entry = {"scope": info.scope, "kind": info.kind, "out_channels": int(orig.shape[0]),
+                 "kept": new is not None}
+        if new is not None:
+            w = new.weight.detach()
+            entry["width"] = int(w.shape[0])
+            entry["in_width"] = int(w.shape[1]) * (int(w.shape[0]) if info.kind == "dwconv" else 1)
+            entry["weight_sparsity"] = round(1.0 - float(torch.count_nonzero(w)) / max(w.numel(), 1), 4)
+        layers[info.module] = entry
+    ops = []
+    for n in gm.graph.nodes:
+        unit = n.meta.get(OP_UNIT)
+        if unit is None:
+            continue
+        kept = float(bank.op[unit.id].mask) > 0
+        op_layers = {p: e for p, e in layers.items() if e["scope"] == unit.id}
+        widths = [e["width"] for e in op_layers.values() if e.get("width") is not None]
+        row = {"unit": unit.id, "path": unit.path, "kept": kept, "layers": op_layers,
+               "width": widths[-1] if widths else None}
+        if kept and op_layers:
+            w_tot = sum(gm.get_submodule(p).weight.numel() for p in op_layers)
+            nz = sum(int(torch.count_nonzero(plan.modules[p].weight)) for p, e in op_layers.items() if e["kept"])
+            row["weight_sparsity"] = round(1.0 - nz / max(w_tot, 1), 4)
+        desc = describe_op(unit.path)
+        if desc:
+            row.update(desc)
+        ops.append(row)
+    out: dict[str, Any] = {"params": count_params(gm)._asdict(), "ops": ops, "layers": layers}
+    cells: dict[int, list] = {}
+    for row in ops:
+        if "cell" in row and row["kept"]:
+            cells.setdefault(row["cell"], []).append(
+                {"edge": row["edge"], "op": row["op"], "width": row["width"],
+                 "weight_sparsity": row.get("weight_sparsity", 0.0)})
+    if cells:
+        out["cells"] = [{"cell": c, "ops": cells[c]} for c in sorted(cells)]
+    return out

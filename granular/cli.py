@@ -1,0 +1,72 @@
+"""The ``granular`` command line.
+
+    granular search SPEC --target-params 2.2M [--dataset D] [--epochs N] [--out DIR] [--resume] [--seed S]
+    granular export RUN_DIR [--out DIR]
+
+Bad input prints one line (``error: ...``) and exits with status 2; a search that ends
+without meeting its target exits with status 3 (its best model is still exported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_BAD_INPUT = 2
+EXIT_TARGET_MISSED = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="granular", description="Multi-granularity pruning with learned thresholds.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("search", help="search a compact model that meets a parameter target")
+    s.add_argument("spec", help="path/model.py[:callable], or a search space: darts, darts:tiny|small|large")
+    s.add_argument("--target-params", required=True, help="nonzero parameter target, e.g. 2.2M or 60K")
+    s.add_argument("--dataset", default="digits", help="digits (default, offline), cifar10, cifar100, "
+                                                       "imagefolder:DIR, fake")
+    s.add_argument("--data-root", default=None, help="where cifar10/cifar100 live")
+    s.add_argument("--epochs", type=int, default=None, help="most epochs to run (default 100)")
+    s.add_argument("--warmup-epochs", type=int, default=None)
+    s.add_argument("--prune-every", type=int, default=None, help="epochs between pruning rounds (default 2)")
+    s.add_argument("--batch-size", type=int, default=None, help="default 96")
+    s.add_argument("--threshold-init", choices=("min", "zero"), default=None)
+    s.add_argument("--mu", type=float, default=None, help="parameter-cost weight in the resource loss")
+    s.add_argument("--augment", action="store_true", help="Cutout + AutoAugment (CIFAR) or flips (imagefolder)")
+    s.add_argument("--out", default=None, help="run directory (default runs/<spec>)")
+    s.add_argument("--resume", action="store_true", help="continue the search in --out from its checkpoint")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser("export", help="re-export the compact model of a run directory")
+    e.add_argument("run_dir")
+    e.add_argument("--out", default=None, help="where to write the model (default RUN_DIR/model)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``granular`` console script."""
+    args = _parser().parse_args(argv)
+    from granular.errors import GranularError
+    try:
+        if args.command == "search":
+            from granular.run import run_search
+            return run_search(args)
+        if args.command == "export":
+            from granular.run import run_export
+            return run_export(args)
+    except GranularError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

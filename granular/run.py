@@ -1,0 +1,138 @@
+"""Run directories: what ``granular search`` and ``granular export`` do around the driver.
+
+A run directory holds ``config.json`` (the resolved config), ``checkpoint.pt`` (atomic,
+each epoch), ``metrics.jsonl`` (one row per epoch), ``arch.json`` and ``model/`` (the compact
+model: ``model.py`` + ``model.safetensors``, loadable without granular).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from granular._format import fmt_count, fmt_pct
+from granular.api import prepare
+from granular.arch import architecture
+from granular.config import SearchConfig, parse_size
+from granular.data import load_data
+from granular.errors import CheckpointError, GranularError
+from granular.io import save
+from granular.search import CHECKPOINT, Searcher, check_target
+from granular.spec import build_model, spec_name
+
+__all__ = ["run_search", "run_export", "RUN_CONFIG", "write_json_atomic"]
+
+RUN_CONFIG = "config.json"
+EXIT_TARGET_MISSED = 3
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    mapping = {"epochs": "epochs", "warmup_epochs": "warmup_epochs", "prune_every": "prune_every",
+               "batch_size": "batch_size", "threshold_init": "threshold_init", "mu": "mu", "seed": "seed"}
+    return {field: getattr(args, arg) for arg, field in mapping.items() if getattr(args, arg) is not None}
+
+
+def _load_run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a granular run directory (no {RUN_CONFIG}): check --out")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is corrupt ({err.msg}): delete the run directory to start over") from None
+
+
+def _build(run: dict[str, Any]):
+    """Data, gated graph and config from a resolved run config."""
+    data = load_data(run["dataset"], batch_size=run["search"]["batch_size"], seed=run["search"]["seed"],
+                     root=run.get("data_root"), augment=run.get("augment", False))
+    torch.manual_seed(run["search"]["seed"])
+    model = build_model(run["spec"], num_classes=data.num_classes, in_channels=data.in_channels)
+    gm = prepare(model, data.example_input())
+    return data, gm, SearchConfig.from_dict(run["search"])
+
+
+def run_search(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    run_dir = Path(args.out) if args.out else Path("runs") / spec_name(args.spec)
+    if args.resume:
+        run = _load_run_config(run_dir)
+        if not (run_dir / CHECKPOINT).is_file():
+            raise CheckpointError(f"nothing to resume in {run_dir}: no {CHECKPOINT}; run without --resume")
+        if args.epochs is not None:  # the one setting a resumed run may change: how long it may go on
+            run["search"]["epochs"] = args.epochs
+    else:
+        if (run_dir / CHECKPOINT).exists() or (run_dir / RUN_CONFIG).exists():
+            raise GranularError(f"{run_dir} already holds a search: continue it with --resume, or pass "
+                                f"--out NEW_DIR")
+        target = parse_size(args.target_params)
+        if args.dataset.startswith("imagefolder:") and not Path(args.dataset.split(":", 1)[1]).is_dir():
+            pass  # load_data reports it
+        cfg = SearchConfig(target_params=target, **_overrides(args))
+        run = {"spec": args.spec, "dataset": args.dataset, "data_root": args.data_root, "augment": args.augment,
+               "search": cfg.to_dict(), "granular_version": _version()}
+    data, gm, cfg = _build(run)
+    if not args.resume:
+        now, floor = check_target(gm, cfg.target_params)
+        console.print(f"[bold]{run['spec']}[/]: {fmt_count(now.nonzero)} parameters, target "
+                      f"{fmt_count(cfg.target_params)} (reachable down to {fmt_count(floor.nonzero)}); "
+                      f"data {run['dataset']} ({len(data.train_set)} train / {len(data.val_set)} val); "
+                      f"run directory {run_dir}", highlight=False)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / RUN_CONFIG, run)
+    else:
+        write_json_atomic(run_dir / RUN_CONFIG, run)
+    searcher = Searcher(gm, data, cfg, run_dir=run_dir, progress=not args.no_progress, device=args.device)
+    if args.resume:
+        searcher.resume(run_dir / CHECKPOINT)
+        console.print(f"resuming {run_dir} at epoch {searcher.state['epoch']}", highlight=False)
+    result = searcher.run()
+    write_json_atomic(run_dir / "arch.json", architecture(result.gm))
+    save(result.compact, run_dir / "model", metadata={"spec": run["spec"], "dataset": run["dataset"],
+                                                       "target_params": cfg.target_params,
+                                                       "val_accuracy": result.val_accuracy})
+    p = result.params
+    console.print(f"compact model: {fmt_count(p.nonzero)} nonzero parameters ({p.nonzero:,}; dense "
+                  f"{p.total:,}), target {cfg.target_params:,}, val accuracy {fmt_pct(result.val_accuracy)}, "
+                  f"saved to {run_dir / 'model'}", highlight=False)
+    if not result.reached:
+        console.print(f"target not reached after {result.epochs} epochs: continue with "
+                      f"--resume --epochs {result.epochs * 2}", highlight=False)
+        return EXIT_TARGET_MISSED
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    run = _load_run_config(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        raise CheckpointError(f"no {CHECKPOINT} in {run_dir}: nothing to export")
+    data, gm, cfg = _build(run)
+    searcher = Searcher(gm, data, cfg, run_dir=None, progress=False)
+    searcher.resume(run_dir / CHECKPOINT)
+    from granular.accounting import export
+    out = Path(args.out) if args.out else run_dir / "model"
+    compact = export(gm)
+    save(compact, out, metadata={"spec": run["spec"], "dataset": run["dataset"]})
+    Console(stderr=True).print(f"exported to {out}", highlight=False)
+    return 0
+
+
+def _version() -> str:
+    from granular import __version__
+    return __version__

@@ -1,0 +1,112 @@
+"""Resolve a model SPEC: ``path/model.py[:callable]`` or a registered search space.
+
+A ``model.py`` may define its model as a function or an ``nn.Module`` subclass. Without
+``:callable``, granular looks for, in order: ``model``, ``build_model``, ``create_model``,
+``get_model``, ``Model``, ``Net``; then the only ``nn.Module`` subclass defined in the file.
+Builders that accept ``num_classes`` / ``in_channels`` get the data set's values.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from granular.errors import GranularError
+from granular.search_spaces import build_search_space, get_search_space, list_search_spaces
+
+__all__ = ["build_model", "is_search_space", "spec_name"]
+
+_DEFAULT_NAMES = ("model", "build_model", "create_model", "get_model", "Model", "Net")
+
+
+def is_search_space(spec: str) -> bool:
+    try:
+        get_search_space(spec)
+        return True
+    except GranularError:
+        return False
+
+
+def spec_name(spec: str) -> str:
+    """A short, file-name-safe name for a spec (used for default run directories)."""
+    if spec.endswith(".py") or ".py:" in spec:
+        path, _, fn = spec.partition(".py")
+        base = Path(path).name + (fn.replace(":", "-") if fn else "")
+    else:
+        base = spec.replace(":", "-")
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in base)
+
+
+def _load_file(path: Path):
+    name = f"granular_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise GranularError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise GranularError(f"importing {path} failed: {type(err).__name__}: {first}") from err
+    return module
+
+
+def _find_callable(module, path: Path, name: str | None) -> Callable:
+    if name:
+        fn = getattr(module, name, None)
+        if fn is None or not callable(fn):
+            raise GranularError(f"{path} has no callable '{name}': check the name after the colon")
+        return fn
+    for cand in _DEFAULT_NAMES:
+        fn = getattr(module, cand, None)
+        if callable(fn):
+            return fn
+    classes = [v for v in vars(module).values() if inspect.isclass(v) and issubclass(v, nn.Module)
+               and v.__module__ == module.__name__]
+    if len(classes) == 1:
+        return classes[0]
+    hint = f" (found {len(classes)} nn.Module classes: {', '.join(c.__name__ for c in classes)})" if classes else ""
+    raise GranularError(f"no model found in {path}{hint}: define model() or class Model, "
+                        f"or name it as {path}:callable")
+
+
+def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
+    """Build the model a SPEC names.
+
+    Raises:
+        GranularError: the spec names nothing buildable (one line, with the fix).
+    """
+    if ".py" in spec:
+        path_s, _, name = spec.partition(".py")
+        path = Path(path_s + ".py")
+        name = name.lstrip(":") or None
+        if not path.is_file():
+            raise GranularError(f"model file {path} does not exist: check the path")
+        fn = _find_callable(_load_file(path), path, name)
+        kwargs = {}
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "num_classes" in params:
+            kwargs["num_classes"] = num_classes
+        if "in_channels" in params:
+            kwargs["in_channels"] = in_channels
+        try:
+            model = fn(**kwargs)
+        except Exception as err:  # noqa: BLE001
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise GranularError(f"building the model from {spec} failed: {type(err).__name__}: {first}") from err
+        if not isinstance(model, nn.Module):
+            raise GranularError(f"{spec} returned {type(model).__name__}, not an nn.Module: return the model")
+        return model
+    if is_search_space(spec):
+        return build_search_space(spec, num_classes=num_classes, in_channels=in_channels)
+    raise GranularError(f"unknown model spec '{spec}': use path/model.py[:callable] or one of "
+                        f"{', '.join(list_search_spaces())}")

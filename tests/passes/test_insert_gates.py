@@ -1,0 +1,84 @@
+"""insert_gates: gates are graph nodes, parameters are real, open gates are inert (invariant 4)."""
+
+import pytest
+import torch
+from torch import nn
+
+import granular
+from granular.gates import FilterGate, OpGate, WeightMask
+from granular.meta import GATE
+from granular.search_spaces import build_search_space
+from granular.testing import open_gates_, randomize_norms_
+
+from _models import USER_MODELS, example, user_model
+
+
+def _models():
+    yield "darts:tiny", build_search_space("darts:tiny", 10, 1)
+    for name in sorted(USER_MODELS):
+        yield name, user_model(name)
+
+
+@pytest.mark.parametrize("name,model", list(_models()), ids=lambda v: v if isinstance(v, str) else "")
+def test_open_gates_reproduce_the_ungated_network(name, model):
+    randomize_norms_(model, seed=1)
+    x = example(4, seed=2)
+    gm = granular.prepare(model, x[:2])
+    open_gates_(gm)
+    for mode in ("eval", "train"):
+        gm.train(mode == "train")
+        model.train(mode == "train")
+        torch.manual_seed(3)  # dropout draws the same mask in both
+        out = gm(x)
+        torch.manual_seed(3)
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+def test_gates_are_nodes_and_parameters():
+    gm = granular.prepare(user_model("resnet_like"), example())
+    code = gm.code
+    assert "granular_gates.op." in code and "granular_gates.filter." in code and "granular_gates.weight." in code
+    kinds = {n.meta[GATE].kind for n in gm.graph.nodes if GATE in n.meta}
+    assert kinds == {"op", "filter", "weight"}
+    names = dict(gm.named_parameters())
+    assert any(k.endswith(".alpha") for k in names) and any(k.endswith(".t_omega") for k in names)
+    assert all(isinstance(p, nn.Parameter) for k, p in names.items() if k.startswith("granular_gates"))
+    masks = [k for k, _ in gm.named_buffers() if k.endswith(".mask")]
+    assert masks, "stored masks are buffers"
+
+
+def test_filter_gate_follows_the_batchnorm():
+    gm = granular.prepare(user_model("resnet_like"), example())
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FilterGate):
+            src = n.args[0]
+            assert src.op == "call_module" and isinstance(gm.get_submodule(src.target), nn.BatchNorm2d) \
+                or src.op == "call_function", n.format_node()
+
+
+def test_gated_graph_trains_gates_and_thresholds():
+    gm = granular.prepare(user_model("resnet_like"), example())
+    bank = gm.granular_gates
+    for s in bank.scopes.values():
+        for name, p in s.named_parameters():
+            # t_α, t_β near σ(0) = 0.5 so the estimator passes gradient; t_ω low so weights live
+            p.data.fill_(0.01 if name == "t_omega" else 0.45)
+    gm.train()
+    loss = gm(example(4)).square().mean()
+    loss.backward()
+    assert any(float(m.alpha.grad.abs()) > 0 for m in bank.op.values())
+    assert any(float(m.beta.grad.abs().sum()) > 0 for m in bank.filter.values())
+    assert any(float(s.t_omega.grad.abs()) > 0 for s in bank.scopes.values() if hasattr(s, "t_omega"))
+    assert any(s.t_alpha.grad is not None and float(s.t_alpha.grad.abs()) > 0
+               for s in bank.scopes.values() if hasattr(s, "t_alpha"))
+
+
+def test_eval_mode_uses_stored_masks_only():
+    gm = granular.prepare(user_model("resnet_like"), example())
+    x = example(2)
+    gm.eval()
+    before = gm(x)
+    for s in gm.granular_gates.scopes.values():
+        for p in s.parameters():
+            p.data.fill_(10.0)  # every live mask would be 0 in training mode
+    torch.testing.assert_close(gm(x), before)
