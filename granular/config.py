@@ -133,6 +133,8 @@ class SearchConfig(GranularConfig):
             that rounds near the target still make progress.
         land: when a round would overshoot, commit only the units furthest below their
             thresholds, just enough to meet the target.
+        bn_recalibration_batches: training batches used after each epoch to re-estimate
+            BatchNorm statistics for the committed architecture (0 turns it off).
         gates: which units get gates.
         seed: random seed.
     """
@@ -156,6 +158,7 @@ class SearchConfig(GranularConfig):
     prune_high: float = 0.4
     excess_floor: float = 0.1
     land: bool = True
+    bn_recalibration_batches: int = 8
     gates: GateConfig = field(default_factory=GateConfig)
     seed: int = 0
 
@@ -172,5 +175,6 @@ class SearchConfig(GranularConfig):
         self._check(self.threshold_init in ("min", "zero"), "threshold_init must be 'min' or 'zero'")
         self._check(0 <= self.prune_low < self.prune_high, "need 0 <= prune_low < prune_high")
         self._check(self.mu >= 0, "mu must be non-negative")
+        self._check(self.bn_recalibration_batches >= 0, "bn_recalibration_batches must be non-negative")
         for name in ("lr_weights", "lr_gates", "lr_thresholds", "lr_t_omega"):
             self._check(getattr(self, name) >= 0, f"{name} must be non-negative")

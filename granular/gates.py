@@ -35,7 +35,8 @@ GATE_ROOT = "granular_gates"  # attribute of the GraphModule that holds every ga
 def step_grad(x: torch.Tensor) -> torch.Tensor:
     """The long-tailed estimator's derivative of the unit step at ``x``."""
     ax = x.abs()
-    return torch.where(ax <= 0.4, 2.0 - 4.0 * ax, torch.where(ax <= 1.0, 0.4, 0.0).to(x.dtype))
+    tail = torch.where(ax <= 1.0, x.new_tensor(0.4), x.new_tensor(0.0))
+    return torch.where(ax <= 0.4, 2.0 - 4.0 * ax, tail)
 
 
 class _LongTailedStep(torch.autograd.Function):
@@ -129,6 +130,10 @@ class OpGate(nn.Module):
     def value(self, t_alpha: torch.Tensor) -> torch.Tensor:
         return _gate_value(self.alpha, t_alpha, self.mask, self.training)
 
+    def eval_value(self) -> torch.Tensor:
+        """The committed gate value (what eval mode multiplies by), without gradient."""
+        return (torch.sigmoid(self.alpha) * self.mask).detach()
+
     def forward(self, x: torch.Tensor, t_alpha: torch.Tensor) -> torch.Tensor:
         return x * self.value(t_alpha)
 
@@ -143,6 +148,10 @@ class FilterGate(nn.Module):
 
     def value(self, t_beta: torch.Tensor) -> torch.Tensor:
         return _gate_value(self.beta, t_beta, self.mask, self.training)
+
+    def eval_value(self) -> torch.Tensor:
+        """The committed gate values (what eval mode multiplies by), without gradient."""
+        return (torch.sigmoid(self.beta) * self.mask).detach()
 
     def forward(self, x: torch.Tensor, t_beta: torch.Tensor) -> torch.Tensor:
         g = self.value(t_beta)

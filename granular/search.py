@@ -202,6 +202,7 @@ class Searcher:
         self.opt_a = torch.optim.SGD([g for g in arch if g["params"]], lr=c.lr_gates, momentum=c.momentum,
                                      weight_decay=0.0)
         self.weights = groups["weights"]
+        self._thresholds = groups["thresholds"] + groups["t_omega"]
         self.state: dict[str, Any] = {"epoch": 0, "lambda": 0.0, "delta": c.lambda_step, "rounds": 0,
                                       "params": None, "done": False, "reached": False,
                                       "thresholds_initialised": False}
@@ -277,6 +278,7 @@ class Searcher:
             self.opt_w.step()
             if not warmup:
                 self.opt_a.step()
+                self._clamp_thresholds()
             n = y.numel()
             tot += n
             correct += int((out.argmax(1) == y).sum())
@@ -285,6 +287,47 @@ class Searcher:
             if bar is not None:
                 bar(i + 1, sum_loss / tot, correct / tot)
         return {"loss": sum_loss / max(tot, 1), "ce": sum_ce / max(tot, 1), "train_acc": correct / max(tot, 1)}
+
+    @torch.no_grad()
+    def _clamp_thresholds(self) -> None:
+        """Keep thresholds at or above 0. Magnitudes are never negative, so a negative
+        threshold masks nothing more than 0 does, but it makes ``exp(-t)`` in L_thr explode
+        (we saw L jump to ~1e3 and the next step throw every threshold far past its gates)."""
+        for p in self._thresholds:
+            p.clamp_(min=0.0)
+
+    @torch.no_grad()
+    def recalibrate_norms(self, epoch: int) -> None:
+        """Re-estimate BatchNorm statistics for the committed architecture.
+
+        Training mode runs the live thresholds, so running statistics describe a network
+        with more units masked than the committed one (eval mode, export). A few forward
+        passes with committed gates and BN in training mode (cumulative averages) fix that,
+        so that validation and the exported model see statistics of what they compute.
+        """
+        n = self.cfg.bn_recalibration_batches
+        norms = [m for m in self.gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not n or not norms:
+            return
+        was = self.gm.training
+        self.gm.eval()
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        try:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            loader = torch.utils.data.DataLoader(self.data.train_set, batch_size=self.cfg.batch_size,
+                                                 shuffle=True, generator=gen)
+            for i, (x, _) in enumerate(loader):
+                if i >= n:
+                    break
+                self.gm(x.to(self.device))
+        finally:
+            for m, mom in zip(norms, saved):
+                m.momentum = mom
+            self.gm.train(was)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> Optional[float]:
@@ -343,12 +386,24 @@ class Searcher:
 
     @torch.no_grad()
     def _protect(self) -> None:
-        """Last-op protection: keep the best op of every sum, and keep it live in training."""
-        prefer = {k: float(torch.sigmoid(m.alpha) - self.bank.scopes[k].t_alpha) for k, m in self.bank.op.items()}
+        """Last-unit protection, and the protected units stay live in training.
+
+        A sum keeps its best op (METHOD.md: a node with no input would break the graph), and
+        a layer keeps its best filter (a layer with no filter turns the network's output
+        into a constant, which no later round can undo).
+        """
+        b = self.bank
+        prefer = {k: float(torch.sigmoid(m.alpha) - b.scopes[k].t_alpha) for k, m in b.op.items()}
         for k in protect_last_ops_(self.gm, prefer):
-            g = float(torch.sigmoid(self.bank.op[k].alpha))
-            t = self.bank.scopes[k].t_alpha
-            t.fill_(min(float(t), g))
+            t = b.scopes[k].t_alpha
+            t.fill_(min(float(t), float(torch.sigmoid(b.op[k].alpha))))
+        for k, m in b.filter.items():
+            if float(m.mask.sum()) == 0:
+                g = torch.sigmoid(m.beta)
+                best = int(torch.argmax(g))
+                m.mask[best] = 1.0
+                t = b.scopes[self.struct.filter_scope[k]].t_beta
+                t.fill_(min(float(t), float(g[best])))
 
     def _masks(self):
         return {k: v.clone() for k, v in self.bank.state_dict().items() if k.endswith("mask")}
@@ -468,6 +523,7 @@ class Searcher:
                 round_info = {}
                 if not warmup and (epoch + 1 - cfg.warmup_epochs) % cfg.prune_every == 0:
                     round_info = self.pruning_round()
+                self.recalibrate_norms(epoch)
                 val = self.evaluate(self.gm)
                 self.state["epoch"] = epoch + 1
                 row = {"epoch": epoch + 1, "phase": "warmup" if warmup else "search", **stats, "val_acc": val,

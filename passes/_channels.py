@@ -90,14 +90,17 @@ def _channel_dim_size(node: fx.Node) -> Optional[int]:
     return shape[1]
 
 
-def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None) -> ChannelAnalysis:
+def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
+                     modules: Optional[dict] = None) -> ChannelAnalysis:
     """Group channel positions into coupled classes (see module docstring).
 
     Args:
         gm: a traced graph with ``tensor_meta``.
         alive: if given, only these nodes are analysed; an add with one dead input passes
             the other through (this is how export sees pruned operations).
+        modules: optional ``dict(gm.named_modules())`` cache.
     """
+    modules = modules if modules is not None else dict(gm.named_modules())
     uf = _UnionFind()
     res = ChannelAnalysis()
     raw: dict[fx.Node, list[int]] = {}
@@ -109,7 +112,7 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None) -
     for node in gm.graph.nodes:
         if alive is not None and node not in alive:
             continue
-        kind = node_kind(gm, node)
+        kind = node_kind(gm, node, modules)
         res.kinds[node] = kind
         ins = [a for a in node.all_input_nodes if a in raw]
         size = _channel_dim_size(node)
@@ -125,7 +128,7 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None) -
                 fix(raw[node])
             continue
         if kind == Kind.LAYER:
-            lv = layer_view(gm, node)
+            lv = layer_view(gm, node, modules)
             x = lv.x
             if lv.kind == "linear" and len(tensor_shape(x) or ()) != 2:
                 kind = res.kinds[node] = Kind.OTHER
@@ -136,7 +139,7 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None) -
                 raw[node] = uf.new(size)
                 continue
         if kind == Kind.DWCONV:
-            res.layers[node] = layer_view(gm, node)
+            res.layers[node] = layer_view(gm, node, modules)
         first = node.args[0] if node.args else None
         if kind in _PASS_THROUGH and isinstance(first, fx.Node) and first in raw and len(raw[first]) == size:
             raw[node] = raw[first]
@@ -183,7 +186,8 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None) -
 
 def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
                       gate_value: Callable[[fx.Node], torch.Tensor],
-                      layer_weight: Callable[[LayerView], torch.Tensor]) -> dict[fx.Node, torch.Tensor]:
+                      layer_weight: Callable[[LayerView], torch.Tensor],
+                      modules: Optional[dict] = None) -> dict[fx.Node, torch.Tensor]:
     """Per-position constants (NaN where not provably constant), in eval mode.
 
     Args:
@@ -222,19 +226,19 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
             if k_in is None or torch.isnan(k_in).all():
                 consts[node] = nan
             else:
-                consts[node] = _evaluate_on_constant(gm, node, kind, k_in, layer_weight)
+                consts[node] = _evaluate_on_constant(gm, node, kind, k_in, layer_weight, analysis)
         else:
             consts[node] = nan
     return consts
 
 
-def _evaluate_on_constant(gm, node, kind, k, layer_weight) -> torch.Tensor:
+def _evaluate_on_constant(gm, node, kind, k, layer_weight, analysis) -> torch.Tensor:
     """Run a per-channel node on a constant field and read back which channels stay constant."""
     src_shape = tensor_shape(node.args[0])
     x = k.view((1, -1) + (1,) * (len(src_shape) - 2)).expand((1,) + tuple(src_shape[1:])).contiguous()
     with torch.no_grad():
         if kind == Kind.DWCONV:
-            lv = layer_view(gm, node)
+            lv = analysis.layers[node]
             m = lv.module
             y = F.conv2d(x, layer_weight(lv), m.bias, m.stride, m.padding, m.dilation, m.groups) \
                 if x.dim() == 4 else F.conv1d(x, layer_weight(lv), m.bias, m.stride, m.padding, m.dilation, m.groups)

@@ -63,11 +63,15 @@ _MUL_TARGETS = {operator.mul, torch.mul, operator.imul}
 _DIV_TARGETS = {operator.truediv, torch.div}
 
 
-def module_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
-    """The module a ``call_module`` node calls, else None."""
+def module_of(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None) -> Optional[nn.Module]:
+    """The module a ``call_module`` node calls, else None (``modules``: a named_modules cache)."""
     if node.op != "call_module":
         return None
-    return gm.get_submodule(node.target)
+    return modules[node.target] if modules is not None else gm.get_submodule(node.target)
+
+
+def _sub(gm, target, modules):
+    return modules[target] if modules is not None else gm.get_submodule(target)
 
 
 def tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -109,10 +113,10 @@ def _conv_kind(m: nn.Module) -> str:
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
-def layer_view(gm: fx.GraphModule, node: fx.Node) -> Optional[LayerView]:
+def layer_view(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None) -> Optional[LayerView]:
     """A :class:`LayerView` if ``node`` is a conv/linear layer, else None."""
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
+        m = _sub(gm, node.target, modules)
         if isinstance(m, _LAYER_TYPES) and type(m) in _LAYER_TYPES and node.args:
             if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 return None
@@ -120,7 +124,7 @@ def layer_view(gm: fx.GraphModule, node: fx.Node) -> Optional[LayerView]:
         return None
     info = node.meta.get(LAYER)
     if info is not None and node.op == "call_function":
-        m = gm.get_submodule(info.module)
+        m = _sub(gm, info.module, modules)
         return LayerView(node, m, info.module, _conv_kind(m), node.args[0])
     return None
 
@@ -142,8 +146,11 @@ def is_add(node: fx.Node) -> bool:
     return sa is not None and sa == sb == so
 
 
-def node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
-    """Classify ``node`` by what it does to the channel axis (see :class:`Kind`)."""
+def node_kind(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None) -> str:
+    """Classify ``node`` by what it does to the channel axis (see :class:`Kind`).
+
+    ``modules`` is an optional ``dict(gm.named_modules())`` cache for callers that classify
+    every node."""
     if node.op == "placeholder":
         return Kind.INPUT
     if node.op == "output":
@@ -151,7 +158,7 @@ def node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "get_attr":
         return Kind.ATTR
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
+        m = _sub(gm, node.target, modules)
         if isinstance(m, OpGate):
             return Kind.GATE_OP
         if isinstance(m, FilterGate):
@@ -161,7 +168,7 @@ def node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     shape = tensor_shape(node)
     if shape is None:
         return Kind.NONTENSOR
-    lv = layer_view(gm, node)
+    lv = layer_view(gm, node, modules)
     if lv is not None:
         if lv.kind == "dwconv":
             return Kind.DWCONV

@@ -68,6 +68,7 @@ class ExportPlan:
     folded_into: dict[fx.Node, fx.Node] = field(default_factory=dict)
     literals: dict[fx.Node, float] = field(default_factory=dict)
     attrs: dict[str, torch.Tensor] = field(default_factory=dict)
+    copied: set[str] = field(default_factory=set)   # modules taken over unchanged (deep-copied on build)
 
     def parameters(self):
         """The parameters the exported module will have."""
@@ -99,26 +100,19 @@ def _fetch_attr(gm, target: str):
     return obj
 
 
-def gate_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+def gate_value(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None) -> torch.Tensor:
     """Eval-mode value of an α or β gate node (scalar or per-channel)."""
-    m = _gate_module(gm, node)
-    t = _fetch_attr(gm, node.args[1].target)
-    was = m.training
-    m.eval()
-    try:
-        with torch.no_grad():
-            return m.value(t).detach()
-    finally:
-        m.train(was)
+    with torch.no_grad():
+        return module_of(gm, node, modules).eval_value()
 
 
-def effective_weight(gm: fx.GraphModule, lv: LayerView) -> torch.Tensor:
+def effective_weight(gm: fx.GraphModule, lv: LayerView, modules: Optional[dict] = None) -> torch.Tensor:
     """The layer's weight with its eval-mode ω mask applied."""
     w = lv.module.weight.detach()
     if lv.node.op == "call_function":
         wm_node = lv.node.args[1]
         if isinstance(wm_node, fx.Node) and wm_node.op == "call_module":
-            m = gm.get_submodule(wm_node.target)
+            m = module_of(gm, wm_node, modules)
             if isinstance(m, WeightMask):
                 return w * m.mask
     return w
@@ -128,12 +122,12 @@ def _kind_is(plan_kinds, node, *kinds):
     return plan_kinds.get(node) in kinds
 
 
-def _zero_and_alive(gm: fx.GraphModule, kinds) -> tuple[set[fx.Node], set[fx.Node]]:
+def _zero_and_alive(gm: fx.GraphModule, kinds, modules) -> tuple[set[fx.Node], set[fx.Node]]:
     zero: set[fx.Node] = set()
     for n in gm.graph.nodes:
         info = n.meta.get(GATE)
         if info is not None and info.kind == "op":
-            if float(gate_value(gm, n)) == 0.0:
+            if float(gate_value(gm, n, modules)) == 0.0:
                 zero.add(n)
         elif kinds.get(n) == Kind.ADD and all(a in zero for a in n.args):
             zero.add(n)
@@ -174,13 +168,14 @@ def plan_export(gm: fx.GraphModule) -> ExportPlan:
 
 def _plan(gm: fx.GraphModule) -> ExportPlan:
     from granular.passes._graph import node_kind
-    kinds = {n: node_kind(gm, n) for n in gm.graph.nodes}
-    zero, alive = _zero_and_alive(gm, kinds)
-    analysis = analyze_channels(gm, alive)
+    modules = dict(gm.named_modules())
+    kinds = {n: node_kind(gm, n, modules) for n in gm.graph.nodes}
+    zero, alive = _zero_and_alive(gm, kinds, modules)
+    analysis = analyze_channels(gm, alive, modules)
     kinds = analysis.kinds
-    gv = {n: gate_value(gm, n) for n in alive if kinds.get(n) in (Kind.GATE_OP, Kind.GATE_FILTER)}
+    gv = {n: gate_value(gm, n, modules) for n in alive if kinds.get(n) in (Kind.GATE_OP, Kind.GATE_FILTER)}
     consts = channel_constants(gm, analysis, gate_value=lambda n: gv[n],
-                               layer_weight=lambda lv: effective_weight(gm, lv))
+                               layer_weight=lambda lv: effective_weight(gm, lv, modules), modules=modules)
     plan = ExportPlan(alive=alive, zero=zero, analysis=analysis)
 
     # Removable classes: every reader sees an absorbable constant.
@@ -211,11 +206,11 @@ def _plan(gm: fx.GraphModule) -> ExportPlan:
             continue
         k = kinds.get(n)
         if k in (Kind.LAYER, Kind.DWCONV) and n not in plan.folded_into:
-            _plan_layer(gm, plan, n, kinds, gv, consts)
-        elif layer_view(gm, n) is not None:  # a layer whose channels are fixed (grouped conv, ...)
-            _plan_fixed_layer(gm, plan, n)
+            _plan_layer(gm, plan, n, kinds, gv, consts, modules)
+        elif k == Kind.OTHER and layer_view(gm, n, modules) is not None:  # channels fixed (grouped conv)
+            _plan_fixed_layer(gm, plan, n, modules)
         elif k == Kind.BN and n not in plan.folded_into:
-            _plan_norm(gm, plan, n, kinds, gv)
+            _plan_norm(gm, plan, n, kinds, gv, modules)
         elif k == Kind.GATE_OP and n not in plan.folded_into:
             plan.literals[n] = float(gv[n])
         elif k == Kind.GATE_FILTER and n not in plan.folded_into:
@@ -225,8 +220,9 @@ def _plan(gm: fx.GraphModule) -> ExportPlan:
                     kinds.get(u) in (Kind.LAYER, Kind.DWCONV)) for u in n.users):
                 plan.attrs[str(n.target)] = _fetch_attr(gm, n.target)
         elif n.op == "call_module" and k not in (Kind.GATE_WEIGHT,) and n not in plan.folded_into:
-            if str(n.target) not in plan.modules:
-                plan.modules[str(n.target)] = copy.deepcopy(module_of(gm, n))
+            if str(n.target) not in plan.modules:  # copied when the module is built
+                plan.modules[str(n.target)] = module_of(gm, n, modules)
+                plan.copied.add(str(n.target))
                 plan.module_of_node[n] = str(n.target)
     return plan
 
@@ -261,11 +257,11 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return s, b
 
 
-def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts) -> None:
+def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules) -> None:
     lv = plan.analysis.layers[n]
     m = lv.module
     chain = _chain(n, kinds, plan.alive, allow_bn=True)
-    w = effective_weight(gm, lv)
+    w = effective_weight(gm, lv, modules)
     out_keep = plan.keep[n]
     c_out = w.shape[0]
     s = torch.ones(c_out)
@@ -274,7 +270,7 @@ def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts) -> None:
     bias = m.bias.detach().clone() if has_bias else torch.zeros(c_out)
     for c in chain:
         if kinds[c] == Kind.BN:
-            bs, bb = _bn_affine(module_of(gm, c))
+            bs, bb = _bn_affine(module_of(gm, c, modules))
             s, b = s * bs, b * bs + bb
             has_bias = True
         else:
@@ -313,19 +309,19 @@ def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts) -> None:
     plan.module_of_node[n] = lv.path
 
 
-def _plan_fixed_layer(gm, plan: ExportPlan, n: fx.Node) -> None:
+def _plan_fixed_layer(gm, plan: ExportPlan, n: fx.Node, modules) -> None:
     """A layer kept whole: only its weight mask is applied."""
-    lv = layer_view(gm, n)
+    lv = layer_view(gm, n, modules)
     new = copy.deepcopy(lv.module)
     with torch.no_grad():
-        new.weight.copy_(effective_weight(gm, lv))
+        new.weight.copy_(effective_weight(gm, lv, modules))
     plan.modules[lv.path] = new
     plan.module_of_node[n] = lv.path
     plan.analysis.layers[n] = lv
 
 
-def _plan_norm(gm, plan: ExportPlan, n: fx.Node, kinds, gv) -> None:
-    bn = module_of(gm, n)
+def _plan_norm(gm, plan: ExportPlan, n: fx.Node, kinds, gv, modules) -> None:
+    bn = module_of(gm, n, modules)
     chain = _chain(n, kinds, plan.alive, allow_bn=False)
     keep = plan.keep[n]
     c = bn.num_features
@@ -358,7 +354,7 @@ def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
     kinds = plan.analysis.kinds
     root = nn.Module()
     for path, m in plan.modules.items():
-        _set_path(root, path, m)
+        _set_path(root, path, copy.deepcopy(m) if path in plan.copied else m)
     for target, t in plan.attrs.items():
         _set_attr(root, target, t)
 

@@ -54,7 +54,7 @@ def darts_small():
     return _gated("darts:small")
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_darts_small_random_masks(darts_small, seed):
     compact, count = _check(darts_small, seed)
     assert count.total < sum(p.numel() for n, p in darts_small.named_parameters()

@@ -1,0 +1,118 @@
+"""The command line: bad input gives one line, a non-zero exit and no traceback."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from granular.cli import main
+
+from _models import USER_MODELS
+
+VGG = USER_MODELS["vgg_like"]
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_model_file_without_a_model(tmp_path, capsys):
+    f = tmp_path / "empty_model.py"
+    f.write_text("import torch\n\ndef helper(x):\n    return x\n")
+    code, err = _run(capsys, "search", str(f), "--target-params", "1K", "--out", str(tmp_path / "r"))
+    _assert_one_line_error(code, err, "no model found", "empty_model.py")
+
+
+def test_untraceable_model_names_module_and_construct(tmp_path, capsys):
+    f = tmp_path / "branchy.py"
+    f.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Gate(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            def forward(self, x):
+                y = self.conv(x)
+                if y.mean() > 0:
+                    return y
+                return -y
+
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.gate = Gate()
+                self.fc = nn.Linear(4 * 64, 10)
+            def forward(self, x):
+                return self.fc(torch.flatten(self.gate(x), 1))
+    """))
+    code, err = _run(capsys, "search", str(f), "--target-params", "1K", "--out", str(tmp_path / "r"))
+    _assert_one_line_error(code, err, "'gate' (Gate)", "control flow", "leaf_modules")
+
+
+def test_target_at_or_above_model_size(tmp_path, capsys):
+    code, err = _run(capsys, "search", VGG, "--target-params", "1M", "--out", str(tmp_path / "r"))
+    _assert_one_line_error(code, err, "already has", "nothing to prune")
+
+
+def test_target_below_reachable(tmp_path, capsys):
+    code, err = _run(capsys, "search", VGG, "--target-params", "5", "--out", str(tmp_path / "r"))
+    _assert_one_line_error(code, err, "below the smallest model", "at least")
+
+
+@pytest.mark.parametrize("bad", ["abc", "12Q", "-5", "0"])
+def test_non_numeric_target(tmp_path, capsys, bad):
+    code, err = _run(capsys, "search", VGG, "--target-params", bad, "--out", str(tmp_path / "r"))
+    _assert_one_line_error(code, err, bad)
+
+
+def test_missing_dataset_directory(tmp_path, capsys):
+    code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--dataset",
+                     f"imagefolder:{tmp_path / 'nope'}", "--out", str(tmp_path / "r"))
+    _assert_one_line_error(code, err, "does not exist")
+
+
+def test_unknown_spec(tmp_path, capsys):
+    code, err = _run(capsys, "search", "resnet9000", "--target-params", "20K", "--out", str(tmp_path / "r"))
+    _assert_one_line_error(code, err, "unknown model spec", "darts:tiny")
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--epochs", "1", "--out", str(run),
+                     "--no-progress")
+    assert code == 3, err  # one epoch cannot reach the target: said plainly, exit 3
+    assert "target not reached" in err
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--out", str(run), "--resume")
+    _assert_one_line_error(code, err, "corrupt", "checkpoint")
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--out", str(run))
+    _assert_one_line_error(code, err, "already holds a search", "--resume")
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "granular.cli", "search", VGG, "--target-params", "lots",
+                          "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
