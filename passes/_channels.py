@@ -79,9 +79,6 @@ class ChannelAnalysis:
     def classes_of(self, node: fx.Node) -> list[int]:
         return self.slots.get(node, [])
 
-    def producers(self, cls: int) -> list[fx.Node]:
-        return [n for n, lv in self.layers.items() if self.kinds[n] == Kind.LAYER and cls in self.slots.get(n, ())]
-
 
 def _channel_dim_size(node: fx.Node) -> Optional[int]:
     shape = tensor_shape(node)

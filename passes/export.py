@@ -84,15 +84,6 @@ class ExportPlan:
                 yield t
 
 
-def _gate_module(gm, node):
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _threshold(gm, node):
-    t = node.args[1]
-    return getattr(gm, "__dummy__", None) if t is None else _fetch_attr(gm, t.target)
-
-
 def _fetch_attr(gm, target: str):
     obj = gm
     for part in target.split("."):
@@ -116,10 +107,6 @@ def effective_weight(gm: fx.GraphModule, lv: LayerView, modules: Optional[dict] 
             if isinstance(m, WeightMask):
                 return w * m.mask
     return w
-
-
-def _kind_is(plan_kinds, node, *kinds):
-    return plan_kinds.get(node) in kinds
 
 
 def _zero_and_alive(gm: fx.GraphModule, kinds, modules) -> tuple[set[fx.Node], set[fx.Node]]:
@@ -397,27 +384,28 @@ def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
     return compact
 
 
-def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+def _parent_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The (created-as-needed) container that holds ``path``, and the last name in it."""
     parent = root
     parts = path.split(".")
     for p in parts[:-1]:
         if not hasattr(parent, p):
             parent.add_module(p, nn.Module())
         parent = getattr(parent, p)
-    parent.add_module(parts[-1], module)
+    return parent, parts[-1]
+
+
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, name = _parent_of(root, path)
+    parent.add_module(name, module)
 
 
 def _set_attr(root: nn.Module, target: str, t: torch.Tensor) -> None:
-    parent = root
-    parts = target.split(".")
-    for p in parts[:-1]:
-        if not hasattr(parent, p):
-            parent.add_module(p, nn.Module())
-        parent = getattr(parent, p)
+    parent, name = _parent_of(root, target)
     if isinstance(t, nn.Parameter):
-        parent.register_parameter(parts[-1], nn.Parameter(t.detach().clone()))
+        parent.register_parameter(name, nn.Parameter(t.detach().clone()))
     else:
-        parent.register_buffer(parts[-1], t.detach().clone())
+        parent.register_buffer(name, t.detach().clone())
 
 
 class Export(PassBase):
