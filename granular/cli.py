@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("search", help="search a compact model that meets a parameter target")
     s.add_argument("spec", help="path/model.py[:callable], or a search space: darts, darts:tiny|small|large")
-    s.add_argument("--target-params", required=True, help="nonzero parameter target, e.g. 2.2M or 60K")
+    s.add_argument("--target-params", help="nonzero parameter target, e.g. 2.2M or 60K (not needed with --resume)")
     s.add_argument("--dataset", default="digits", help="digits (default, offline), cifar10, cifar100, "
                                                        "imagefolder:DIR, fake")
     s.add_argument("--data-root", default=None, help="where cifar10/cifar100 live")

@@ -169,7 +169,7 @@ class SearchConfig(GranularConfig):
                     "target_params must be a non-negative integer")
         self._check(self.epochs >= 1, "epochs must be at least 1")
         self._check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1,
-                    "warmup_epochs must be below epochs")
+                    "warmup_epochs must be below epochs: lower --warmup-epochs or raise --epochs")
         self._check(self.prune_every >= 1, "prune_every must be at least 1")
         self._check(self.batch_size >= 1, "batch_size must be at least 1")
         self._check(self.threshold_init in ("min", "zero"), "threshold_init must be 'min' or 'zero'")

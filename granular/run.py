@@ -76,13 +76,17 @@ def run_search(args: argparse.Namespace) -> int:
             raise CheckpointError(f"nothing to resume in {run_dir}: no {CHECKPOINT}; run without --resume")
         if args.epochs is not None:  # the one setting a resumed run may change: how long it may go on
             run["search"]["epochs"] = args.epochs
+        if args.target_params is not None and parse_size(args.target_params) != run["search"]["target_params"]:
+            raise GranularError(f"{run_dir} searches for {run['search']['target_params']:,} parameters, not "
+                                f"{parse_size(args.target_params):,}: drop --target-params to resume, or start "
+                                f"a new run with --out NEW_DIR")
     else:
         if (run_dir / CHECKPOINT).exists() or (run_dir / RUN_CONFIG).exists():
             raise GranularError(f"{run_dir} already holds a search: continue it with --resume, or pass "
                                 f"--out NEW_DIR")
+        if args.target_params is None:
+            raise GranularError("--target-params is required: give the nonzero parameter target, e.g. 60K")
         target = parse_size(args.target_params)
-        if args.dataset.startswith("imagefolder:") and not Path(args.dataset.split(":", 1)[1]).is_dir():
-            pass  # load_data reports it
         cfg = SearchConfig(target_params=target, **_overrides(args))
         run = {"spec": args.spec, "dataset": args.dataset, "data_root": args.data_root, "augment": args.augment,
                "search": cfg.to_dict(), "granular_version": _version()}

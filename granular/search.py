@@ -497,6 +497,11 @@ class Searcher:
                                   f"run ({first}); delete it to start over") from None
         self.state.update(ck["state"])
         self.history = list(ck["history"])
+        if self.run_dir is not None:  # the log may hold an epoch the checkpoint does not: rewrite it
+            fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=METRICS + ".", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self.history)
+            os.replace(tmp, self.run_dir / METRICS)
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
 

@@ -136,3 +136,16 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
         s.checkpoint()
     assert (run / "checkpoint.pt").read_bytes() == good
     assert not list(run.glob("*.tmp"))
+
+
+def test_resume_rewrites_a_log_row_the_checkpoint_never_saw(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["search", USER_MODELS["vgg_like"], "--out", str(run), "--no-progress"]
+    assert main(args + ["--target-params", "20K", "--epochs", "2", "--warmup-epochs", "1"]) == 3
+    with open(run / "metrics.jsonl", "a") as f:  # killed after logging epoch 3, before its checkpoint
+        f.write(json.dumps({"epoch": 3, "phase": "warmup"}) + "\n")
+    assert main(args + ["--epochs", "3", "--resume"]) == 3  # the target is read from the run
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    assert main(args + ["--target-params", "30K", "--resume"]) == 2
+    assert "searches for 20,000 parameters" in capsys.readouterr().err
