@@ -35,8 +35,8 @@ GATE_ROOT = "granular_gates"  # attribute of the GraphModule that holds every ga
 def step_grad(x: torch.Tensor) -> torch.Tensor:
     """The long-tailed estimator's derivative of the unit step at ``x``."""
     ax = x.abs()
-    tail = torch.where(ax <= 1.0, x.new_tensor(0.4), x.new_tensor(0.0))
-    return torch.where(ax <= 0.4, 2.0 - 4.0 * ax, tail)
+    # 2 - 4|x| falls below 0.4 exactly where |x| > 0.4, so one clamp gives both pieces.
+    return (2.0 - 4.0 * ax).clamp_min(0.4) * (ax <= 1.0)
 
 
 class _LongTailedStep(torch.autograd.Function):
@@ -68,16 +68,16 @@ class _SigmoidGate(torch.autograd.Function):
     def forward(ctx, a, t, mask):
         s = torch.sigmoid(a)
         x = s - t
-        keep = (x >= 0).to(s.dtype)
+        keep = x >= 0
         ctx.save_for_backward(s, x, keep, mask)
-        return keep * s * mask
+        return torch.where(keep, s * mask, 0.0)
 
     @staticmethod
     def backward(ctx, grad):
         s, x, keep, mask = ctx.saved_tensors
         gm = grad * mask
         ds = step_grad(x) * s          # d/dx of S, times σ(a)
-        grad_a = gm * (keep + ds) * s * (1 - s)
+        grad_a = gm * (keep + ds) * (s * (1 - s))
         grad_t = -(gm * ds).sum().reshape(()) if ctx.needs_input_grad[1] else None
         return grad_a, grad_t, None
 
@@ -87,16 +87,17 @@ class _MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, t, mask):
-        x = w.abs() - t
-        keep = (x >= 0).to(w.dtype) * mask
-        ctx.save_for_backward(w, x, keep, mask)
+        aw = w.abs()
+        x = aw - t
+        keep = torch.where(x >= 0, mask, 0.0)
+        ctx.save_for_backward(w, aw, x, keep, mask)
         return w * keep
 
     @staticmethod
     def backward(ctx, grad):
-        w, x, keep, mask = ctx.saved_tensors
+        w, aw, x, keep, mask = ctx.saved_tensors
         d = grad * mask * step_grad(x)
-        grad_w = grad * keep + d * w.abs()
+        grad_w = grad * keep + d * aw
         grad_t = -(d * w).sum().reshape(()) if ctx.needs_input_grad[1] else None
         return grad_w, grad_t, None
 

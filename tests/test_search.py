@@ -47,7 +47,7 @@ def test_threshold_rules(digits):
             assert 0 < scope.t_omega.item() < 0.05
     z = _searcher(digits, 5000, threshold_init="zero")
     z.init_thresholds()
-    assert all(float(p) == 0 for p in z.bank.scopes.parameters())
+    assert all(p.item() == 0 for p in z.bank.scopes.parameters())
 
 
 def test_round_with_nothing_below_threshold_raises_lambda(digits):
