@@ -21,7 +21,7 @@ import torch.fx as fx
 __all__ = [
     "LAYER", "OP_UNIT", "MEMBER", "SUM", "GATE",
     "LayerInfo", "OpUnit", "SumInfo", "GateInfo",
-    "layer_info", "op_unit", "sum_info", "gate_info", "tensor_shape",
+    "layer_info", "tensor_shape",
 ]
 
 LAYER = "granular.layer"
@@ -100,21 +100,6 @@ def _get(node: fx.Node, key: str, producer: str):
 def layer_info(node: fx.Node) -> LayerInfo:
     """The :class:`LayerInfo` of a conv/linear node (written by ``find_units``)."""
     return _get(node, LAYER, "find_units")
-
-
-def op_unit(node: fx.Node) -> Optional[OpUnit]:
-    """The :class:`OpUnit` whose tail is ``node``, or None."""
-    return node.meta.get(OP_UNIT)
-
-
-def sum_info(node: fx.Node) -> Optional[SumInfo]:
-    """The :class:`SumInfo` if ``node`` is the root of a visible sum, else None."""
-    return node.meta.get(SUM)
-
-
-def gate_info(node: fx.Node) -> Optional[GateInfo]:
-    """The :class:`GateInfo` if ``node`` is a gate, else None."""
-    return node.meta.get(GATE)
 
 
 def tensor_shape(node: fx.Node) -> Optional[tuple[int, ...]]:

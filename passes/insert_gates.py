@@ -31,7 +31,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.gates import GATE_ROOT, FilterGate, GateBank, OpGate, Scope, WeightMask
-from granular.meta import GATE, LAYER, MEMBER, OP_UNIT, SUM, GateInfo, LayerInfo
+from granular.meta import GATE, LAYER, MEMBER, OP_UNIT, SUM, GateInfo, LayerInfo, layer_info
 from granular.passes._graph import Kind, find_sums, layer_view, node_kind
 from granular.passes.find_units import sanitize
 
@@ -71,7 +71,7 @@ class InsertGates(PassBase):
         bank = GateBank()
         gm.add_submodule(GATE_ROOT, bank)
 
-        layers = [(n, n.meta[LAYER]) for n in graph.nodes if LAYER in n.meta]
+        layers = [(n, layer_info(n)) for n in graph.nodes if LAYER in n.meta]
         units = [(n, n.meta[OP_UNIT]) for n in graph.nodes if OP_UNIT in n.meta]
 
         # Scopes own the thresholds: one per op unit, one per gated layer outside any unit.

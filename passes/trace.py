@@ -90,7 +90,7 @@ def _describe_failure(err: Exception, tracer: GranularTracer, model: nn.Module) 
     else:
         construct = f"{type(err).__name__}: {msg}"
     return (f"cannot trace {where}{after}: {construct}; pass leaf_modules=[...] naming that module's class "
-            f"(or granular.register_leaf_module) so it is kept whole")
+            f"(or granular.passes.register_leaf_module) so it is kept whole")
 
 
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
