@@ -541,9 +541,10 @@ def _storable_tensors(gm: torch.fx.GraphModule, constants: list[str]) -> dict[st
 
 
 def _load_source_module(source_file: pathlib.Path, name: str) -> types.ModuleType:
+    """Import a Python file as module ``name``; on failure it is not left in sys.modules."""
     spec = importlib.util.spec_from_file_location(name, source_file)
     if spec is None or spec.loader is None:
-        raise GranularError(f"cannot import {source_file}")
+        raise GranularError(f"cannot import {source_file}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

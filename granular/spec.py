@@ -8,15 +8,14 @@ Builders that accept ``num_classes`` / ``in_channels`` get the data set's values
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import sys
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
 from granular.errors import GranularError
+from granular.io import _load_source_module
 from granular.search_spaces import build_search_space, get_search_space, list_search_spaces
 
 __all__ = ["build_model", "is_search_space", "spec_name"]
@@ -44,17 +43,13 @@ def spec_name(spec: str) -> str:
 
 def _load_file(path: Path):
     name = f"granular_user_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise GranularError(f"cannot import {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        return _load_source_module(path, name)
+    except GranularError:
+        raise
     except Exception as err:  # noqa: BLE001
         first = (str(err).strip().splitlines() or [""])[0]
         raise GranularError(f"importing {path} failed: {type(err).__name__}: {first}") from err
-    return module
 
 
 def _find_callable(module, path: Path, name: str | None) -> Callable:
