@@ -73,3 +73,26 @@ def test_wrong_input_shape_is_one_line():
     with pytest.raises(TraceError) as err:
         trace(user_model("vgg_like"), torch.randn(2, 3, 8, 8))
     assert "\n" not in str(err.value) and "(2, 3, 8, 8)" in str(err.value)
+
+
+class _TimmUser(nn.Module):
+    """A user's model built from timm layers that timm registers as FX leaves."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import BatchNormAct2d, Conv2dSame
+        self.conv = Conv2dSame(1, 8, 3, stride=2)   # data-dependent padding inside: must stay a leaf
+        self.bn = BatchNormAct2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_timm_leaf_registry_is_honoured():
+    model = _TimmUser().eval()
+    x = example(3, size=9)
+    gm = trace(model, x[:2])
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"conv", "bn"} <= targets  # kept whole, as timm's registry asks
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
