@@ -133,6 +133,9 @@ class SearchConfig(GranularConfig):
             that rounds near the target still make progress.
         land: when a round would overshoot, commit only the units furthest below their
             thresholds, just enough to meet the target.
+        land_within: a landing this close below the target (fraction) is good enough;
+            further off, the overshooting unit is set aside and the landing retried.
+        land_attempts: how many times a landing may be retried.
         bn_recalibration_batches: training batches used after each epoch to re-estimate
             BatchNorm statistics for the committed architecture (0 turns it off).
         gates: which units get gates.
@@ -158,6 +161,8 @@ class SearchConfig(GranularConfig):
     prune_high: float = 0.4
     excess_floor: float = 0.1
     land: bool = True
+    land_within: float = 0.01
+    land_attempts: int = 4
     bn_recalibration_batches: int = 8
     gates: GateConfig = field(default_factory=GateConfig)
     seed: int = 0

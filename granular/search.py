@@ -423,24 +423,7 @@ class Searcher:
         count = count_params(self.gm)
         landed = False
         if count.nonzero <= target and cfg.land and before > target and cands:
-            # Commit only the units furthest below their thresholds, just enough for the target.
-            order = sorted(cands, key=lambda c: c[0])
-            lo, hi = 1, len(order)
-            best = count
-            while lo < hi:
-                mid = (lo + hi) // 2
-                self._restore(saved)
-                self._commit(order[:mid])
-                self._protect()
-                c = count_params(self.gm)
-                if c.nonzero <= target:
-                    hi, best = mid, c
-                else:
-                    lo = mid + 1
-            self._restore(saved)
-            self._commit(order[:hi])
-            self._protect()
-            count = count_params(self.gm)
+            count = self._land(saved, cands)
             landed = True
         pruned = before - count.nonzero
         scale = max(before - target, cfg.excess_floor * target, 1)
@@ -464,6 +447,44 @@ class Searcher:
             self.state["done"] = self.state["reached"] = True
         return {"round": self.state["rounds"], "pruned_params": pruned, "units_below": len(cands),
                 "landed": landed, "lambda_update": adapt}
+
+    @torch.no_grad()
+    def _try(self, saved, units) -> ParamCount:
+        self._restore(saved)
+        self._commit(units)
+        self._protect()
+        return count_params(self.gm)
+
+    @torch.no_grad()
+    def _land(self, saved, cands) -> ParamCount:
+        """Commit just enough of this round's units to meet the target.
+
+        Units are taken furthest-below-threshold first; a bisection finds the shortest such
+        prefix that meets the target. When its last unit overshoots by more than
+        ``land_within`` of the target (an op of thousands of parameters, say), that unit is
+        set aside and the bisection repeats over the others, a few times at most, keeping
+        the closest landing found.
+        """
+        cfg, target = self.cfg, self.cfg.target_params
+        order = sorted(cands, key=lambda c: c[0])
+        best_units, best = None, None
+        for _ in range(cfg.land_attempts):
+            if not order or self._try(saved, order).nonzero > target:
+                break  # without the units set aside the target is out of reach
+            lo, hi = 1, len(order)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._try(saved, order[:mid]).nonzero <= target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            count = self._try(saved, order[:hi])
+            if best is None or count.nonzero > best.nonzero:
+                best_units, best = order[:hi], count
+            if count.nonzero >= (1 - cfg.land_within) * target:
+                break
+            order = order[:hi - 1] + order[hi:]  # set the overshooting unit aside
+        return self._try(saved, best_units if best_units is not None else order)
 
     def _update_op_cost(self) -> None:
         """cost(op) for the μ term: the op's live weights, normalised by the largest op's."""

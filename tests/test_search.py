@@ -71,7 +71,7 @@ def test_overshooting_round_lands_just_under_the_target_and_halves_lambda(digits
     info = s.pruning_round()
     after = granular.count_params(s.gm).nonzero
     assert info["landed"] and s.state["done"]
-    assert 0.97 * 6000 <= after <= 6000 < before
+    assert 0.99 * 6000 <= after <= 6000 < before  # within land_within (1%) of the target
     assert info["lambda_update"] == "halve" and s.state["lambda"] == pytest.approx(0.2)
     # last-unit protection: every sum keeps an op, every layer keeps a filter
     assert all(float(m.mask.sum()) >= 1 for m in s.bank.filter.values())
