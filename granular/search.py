@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -38,7 +37,7 @@ from granular.accounting import ParamCount, count_params, export
 from granular.config import SearchConfig
 from granular.errors import CheckpointError, GranularError, TargetError
 from granular.gates import GATE_ROOT
-from granular.meta import GATE, LAYER, OP_UNIT, SUM
+from granular.meta import GATE, OP_UNIT, SUM
 from granular.testing import protect_last_ops_
 
 __all__ = ["search", "SearchResult", "Searcher", "param_groups", "reachable_floor", "retention"]
@@ -208,18 +207,27 @@ class Searcher:
                                       "thresholds_initialised": False}
         self.history: list[dict] = []
         self._op_cost: dict[str, float] = {}
+        self._active_cache = None
 
     # ----------------------------------------------------------------- losses
+    def _active(self):
+        """Per-sum active op keys and the thresholds of active scopes. Masks change only at
+        pruning rounds and on resume, so this is built once per round, not per step."""
+        if self._active_cache is None:
+            b = self.bank
+            sums = [[k for k in keys if float(b.op[k].mask) > 0] for keys in self.struct.sums]
+            ts = [getattr(scope, name) for sid, scope in b.scopes.items()
+                  if not (sid in b.op and float(b.op[sid].mask) == 0)
+                  for name in ("t_alpha", "t_beta", "t_omega") if hasattr(scope, name)]
+            self._active_cache = ([a for a in sums if a], ts)
+        return self._active_cache
+
     def _resource_loss(self) -> torch.Tensor:
         terms = []
         mu = self.cfg.mu
-        for keys in self.struct.sums:
-            active = [k for k in keys if float(self.bank.op[k].mask) > 0]
-            if not active:
-                continue
+        for active in self._active()[0]:
             s = torch.sigmoid(torch.stack([self.bank.op[k].alpha for k in active]))
-            n = len(active)
-            term = torch.log1p(n * s / s.sum())
+            term = torch.log1p(len(active) * s / s.sum())
             if mu:
                 cost = torch.tensor([self._op_cost.get(k, 0.0) for k in active], device=s.device)
                 term = term * (1 + mu * cost)
@@ -227,13 +235,7 @@ class Searcher:
         return torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
 
     def _threshold_loss(self) -> torch.Tensor:
-        ts = []
-        for sid, scope in self.bank.scopes.items():
-            if sid in self.bank.op and float(self.bank.op[sid].mask) == 0:
-                continue
-            for name in ("t_alpha", "t_beta", "t_omega"):
-                if hasattr(scope, name):
-                    ts.append(getattr(scope, name))
+        ts = self._active()[1]
         return torch.exp(-torch.stack(ts)).sum() if ts else torch.zeros((), device=self.device)
 
     # ----------------------------------------------------------------- thresholds
@@ -441,6 +443,7 @@ class Searcher:
         self.state["params"] = count.nonzero
         self.state["params_total"] = count.total
         self.state["rounds"] += 1
+        self._active_cache = None
         if self.cfg.mu:
             self._update_op_cost()
         if count.nonzero <= target:
@@ -518,6 +521,7 @@ class Searcher:
                                   f"run ({first}); delete it to start over") from None
         self.state.update(ck["state"])
         self.history = list(ck["history"])
+        self._active_cache = None
         if self.run_dir is not None:  # the log may hold an epoch the checkpoint does not: rewrite it
             fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=METRICS + ".", suffix=".tmp")
             with os.fdopen(fd, "w") as f:
