@@ -9,14 +9,12 @@ parameter reduction.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 import granular
 from granular.accounting import count_module
-from granular.config import SearchConfig
 from granular.run import _build, _load_run_config
 from granular.search import CHECKPOINT, Searcher
 

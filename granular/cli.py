@@ -10,10 +10,7 @@ without meeting its target exits with status 3 (its best model is still exported
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
 __all__ = ["main"]
 

@@ -169,7 +169,8 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
                 raw[node] = out
                 continue
         # Not understood (or shapes disagree): never guess, fix everything it touches.
-        res.kinds[node] = Kind.OTHER if kind not in (Kind.ADD,) or alive is None else kind
+        # (an add keeps its kind: export still has to drop its pruned inputs)
+        res.kinds[node] = kind if kind == Kind.ADD else Kind.OTHER
         for a in ins:
             fix(raw[a])
         if size is not None:

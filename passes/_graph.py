@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from granular.gates import FilterGate, OpGate, WeightMask
-from granular.meta import LAYER, SUM, SumInfo, tensor_shape
+from granular.meta import LAYER, SumInfo, tensor_shape
 
 __all__ = [
     "Kind", "node_kind", "LayerView", "layer_view", "find_sums", "module_of", "tensor_args",

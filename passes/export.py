@@ -36,7 +36,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.errors import GranularError
-from granular.gates import GATE_ROOT, FilterGate, OpGate, WeightMask
+from granular.gates import GATE_ROOT, WeightMask
 from granular.meta import GATE
 from granular.passes._channels import ChannelAnalysis, analyze_channels, channel_constants
 from granular.passes._graph import Kind, LayerView, layer_view, module_of

@@ -1,10 +1,8 @@
 """The command line: bad input gives one line, a non-zero exit and no traceback."""
 
-import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 

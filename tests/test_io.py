@@ -329,23 +329,25 @@ def test_unsupported_module_type_raises(tmp_path):
     assert not (tmp_path / "bad" / "model.py").exists()
 
 
+class _MyConv(nn.Conv2d):
+    pass
+
+
+class _SubclassUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = _MyConv(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
 def test_subclass_of_supported_type_is_rejected(tmp_path):
-    class MyConv(nn.Conv2d):
-        pass
-
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = MyConv(3, 3, 1)
-
-        def forward(self, x):
-            return self.conv(x)
-
     class LeafTracer(torch.fx.Tracer):
         def is_leaf_module(self, m, qualname):
-            return isinstance(m, MyConv) or super().is_leaf_module(m, qualname)
+            return isinstance(m, _MyConv) or super().is_leaf_module(m, qualname)
 
-    root = M()
+    root = _SubclassUser()
     gm = torch.fx.GraphModule(root, LeafTracer().trace(root))
     assert any(n.op == "call_module" for n in gm.graph.nodes)
     with pytest.raises(GranularError, match="MyConv"):
@@ -353,19 +355,8 @@ def test_subclass_of_supported_type_is_rejected(tmp_path):
 
 
 def test_traced_through_subclass_is_saved(tmp_path):
-    class MyConv(nn.Conv2d):
-        pass
-
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = MyConv(3, 3, 1)
-
-        def forward(self, x):
-            return self.conv(x)
-
     # symbolic_trace traces into the subclass: its weights become get_attr nodes.
-    gm = torch.fx.symbolic_trace(M())
+    gm = torch.fx.symbolic_trace(_SubclassUser())
     loaded = gio.load(gio.save(gm, tmp_path / "traced"))
     x = torch.randn(1, 3, 4, 4)
     torch.testing.assert_close(loaded(x), gm(x), atol=0, rtol=0)

@@ -12,7 +12,7 @@ from granular.data import load_data
 from granular.errors import TargetError
 from granular.search import Searcher, check_target, reachable_floor
 
-from _models import USER_MODELS, example, user_model
+from _models import USER_MODELS, user_model
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """A plain VGG-style CNN, as a user's model.py would define it (no residuals, no sums)."""
 
-import torch
 from torch import nn
 
 

@@ -1,7 +1,5 @@
 """find_units: operation units at sums, gated layers, threshold scopes."""
 
-import torch
-
 import granular
 from granular.meta import LAYER, MEMBER, OP_UNIT, SUM
 from granular.passes.find_units import find_units

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import granular
-from granular.gates import FilterGate, OpGate, WeightMask
+from granular.gates import FilterGate
 from granular.meta import GATE
 from granular.search_spaces import build_search_space
 from granular.testing import open_gates_, randomize_norms_
