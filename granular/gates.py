@@ -140,10 +140,14 @@ class OpGate(nn.Module):
 
 
 class FilterGate(nn.Module):
-    """β gate: scales each output channel (dim 1) of a layer by ``M(σ(β_c))``, after its BN."""
+    """β gate: scales each output channel of a layer by ``M(σ(β_c))``, after its BN.
 
-    def __init__(self, channels: int):
+    ``channels_last``: the channels are the last dim (a linear layer on tokens, or a
+    ConvNeXt MLP), not dim 1."""
+
+    def __init__(self, channels: int, channels_last: bool = False):
         super().__init__()
+        self.channels_last = channels_last
         self.beta = nn.Parameter(torch.zeros(channels))
         self.register_buffer("mask", torch.ones(channels))
 
@@ -156,7 +160,12 @@ class FilterGate(nn.Module):
 
     def forward(self, x: torch.Tensor, t_beta: torch.Tensor) -> torch.Tensor:
         g = self.value(t_beta)
+        if self.channels_last:
+            return x * g
         return x * g.view((1, -1) + (1,) * (x.dim() - 2))
+
+    def extra_repr(self) -> str:
+        return f"{self.beta.numel()}, channels_last={self.channels_last}"
 
 
 class WeightMask(nn.Module):

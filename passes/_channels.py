@@ -23,17 +23,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from granular.meta import tensor_shape
-from granular.passes._graph import Kind, LayerView, layer_view, module_of, node_kind
+from granular.passes._graph import Kind, LayerView, evaluate_scalar, layer_view, module_of, node_kind
 
-__all__ = ["ChannelAnalysis", "analyze_channels", "channel_constants"]
+__all__ = ["ChannelAnalysis", "analyze_channels", "channel_constants", "index_entry_for_dim", "shape_args"]
 
-_PASS_THROUGH = {Kind.DWCONV, Kind.BN, Kind.POINTWISE, Kind.POOL, Kind.PAD, Kind.SLICE, Kind.SCALE,
+_PASS_THROUGH = {Kind.DWCONV, Kind.BN, Kind.POINTWISE, Kind.POOL, Kind.PAD, Kind.SCALE,
                  Kind.GATE_OP, Kind.GATE_FILTER}
 
 
@@ -68,6 +69,12 @@ class ChannelAnalysis:
         slots: class id per channel position, for every node with a channel axis.
         fixed: class ids that must never be removed.
         readers: (layer node, input node) for every conv/linear that mixes channels.
+        layers: the layer view of every reader and depthwise conv.
+        axis: the channel dim of every node in ``slots`` (1, or the last dim after a linear
+            on tokens or a permute to channels-last).
+        raw: channel ids before the union (distinct per producer; used by the constants).
+        parts: for nodes returning tuples (split, chunk, unbind), (axis, raw ids) per element,
+            or None for an element whose channels are fixed; ``part_slots`` has the classes.
     """
 
     kinds: dict[fx.Node, str] = field(default_factory=dict)
@@ -75,6 +82,10 @@ class ChannelAnalysis:
     fixed: set[int] = field(default_factory=set)
     readers: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
     layers: dict[fx.Node, LayerView] = field(default_factory=dict)
+    axis: dict[fx.Node, int] = field(default_factory=dict)
+    raw: dict[fx.Node, list[int]] = field(default_factory=dict)
+    parts: dict[fx.Node, list] = field(default_factory=dict)
+    part_slots: dict[fx.Node, list] = field(default_factory=dict)
 
     def classes_of(self, node: fx.Node) -> list[int]:
         return self.slots.get(node, [])
@@ -101,10 +112,18 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
     uf = _UnionFind()
     res = ChannelAnalysis()
     raw: dict[fx.Node, list[int]] = {}
+    axis = res.axis
+    opaque: set[fx.Node] = set()  # outputs of nodes not understood (all fixed, axis unknown)
 
     def fix(ids):
         for i in ids:
             res.fixed.add(i)
+
+    def fresh(node, size, fixed: bool):
+        raw[node] = uf.new(size)
+        axis[node] = 1
+        if fixed:
+            fix(raw[node])
 
     for node in gm.graph.nodes:
         if alive is not None and node not in alive:
@@ -112,74 +131,266 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
         kind = node_kind(gm, node, modules)
         res.kinds[node] = kind
         ins = [a for a in node.all_input_nodes if a in raw]
+        shape = tensor_shape(node)
         size = _channel_dim_size(node)
+        first = node.args[0] if node.args else None
         if kind == Kind.OUTPUT:
-            for a in ins:
-                fix(raw[a])
+            for a in node.all_input_nodes:
+                fix(raw.get(a, ()))
+                for part in res.parts.get(a, ()):
+                    fix(part[1] if part else ())
             continue
         if kind in (Kind.ATTR, Kind.NONTENSOR, Kind.GATE_WEIGHT):
             continue
         if kind == Kind.INPUT:
             if size is not None:
-                raw[node] = uf.new(size)
-                fix(raw[node])
+                fresh(node, size, fixed=True)
             continue
-        if kind == Kind.LAYER:
+        if kind == Kind.MOVE and _analyze_move(node, raw, res, uf, modules):
+            continue
+        if kind in (Kind.LAYER, Kind.GCONV):
             lv = layer_view(gm, node, modules)
             x = lv.x
-            if lv.kind == "linear" and len(tensor_shape(x) or ()) != 2:
-                kind = res.kinds[node] = Kind.OTHER
-            else:
+            x_axis = len(tensor_shape(x) or ()) - 1 if lv.kind == "linear" else 1
+            if x in opaque and (axis[x] != x_axis or len(raw[x]) != lv.in_channels) and \
+                    len(tensor_shape(x)) > x_axis and tensor_shape(x)[x_axis] == lv.in_channels:
+                # an op we do not follow: its channels are fixed anyway; view them on the axis
+                # this layer reads, so the layer itself can still be pruned on its outputs
+                raw[x], axis[x] = uf.new(lv.in_channels), x_axis
+                fix(raw[x])
+            if x in raw and axis[x] == x_axis and len(raw[x]) == lv.in_channels:
                 res.layers[node] = lv
-                if x in raw:
-                    res.readers.append((node, x))
-                raw[node] = uf.new(size)
+                res.readers.append((node, x))
+                raw[node] = uf.new(lv.out_channels)
+                axis[node] = len(shape) - 1 if lv.kind == "linear" else 1
+                if kind == Kind.GCONV:
+                    _couple_groups(uf, raw[x], lv.module.groups)
+                    _couple_groups(uf, raw[node], lv.module.groups)
                 continue
         if kind == Kind.DWCONV:
             res.layers[node] = layer_view(gm, node, modules)
-        first = node.args[0] if node.args else None
-        if kind in _PASS_THROUGH and isinstance(first, fx.Node) and first in raw and len(raw[first]) == size:
-            raw[node] = raw[first]
+        if kind in _PASS_THROUGH and isinstance(first, fx.Node) and first in raw and \
+                _keeps_axis(node, kind, first, axis[first]):
+            raw[node], axis[node] = raw[first], axis[first]
             continue
+        if kind == Kind.POOL and isinstance(first, fx.Node) and first in raw and axis[first] == 1:
+            new_axis = _pooled_axis(node, first)
+            if new_axis is not None:
+                raw[node], axis[node] = raw[first], new_axis
+                continue
         if kind in (Kind.ADD, Kind.MUL):
             a, b = node.args[0], node.args[1]
             la, lb = raw.get(a), raw.get(b)
-            if la is not None and lb is not None and len(la) == len(lb) == size:
+            if la is not None and lb is not None and len(la) == len(lb) and axis[a] == axis[b] and \
+                    shape is not None and len(shape) > axis[a] and shape[axis[a]] == len(la):
                 for i, j in zip(la, lb):
                     uf.union(i, j)
-                raw[node] = la
+                raw[node], axis[node] = la, axis[a]
                 continue
             if kind == Kind.ADD and alive is not None and (la is None) != (lb is None):
-                live = la if la is not None else lb
-                if live is not None and len(live) == size:
-                    raw[node] = live
+                live = a if la is not None else b
+                if tensor_shape(live) == shape:
+                    raw[node], axis[node] = raw[live], axis[live]
                     continue
-        if kind == Kind.CAT:
-            parts = node.args[0]
-            if all(isinstance(p, fx.Node) and p in raw for p in parts):
-                out = [i for p in parts for i in raw[p]]
-                if len(out) == size:
-                    raw[node] = out
-                    continue
-        if kind == Kind.FLATTEN and isinstance(first, fx.Node) and first in raw:
-            src = tensor_shape(first)
-            per = math.prod(src[2:]) if len(src) > 2 else 1
-            out = [i for i in raw[first] for _ in range(per)]
-            if len(out) == size:
-                raw[node] = out
-                continue
         # Not understood (or shapes disagree): never guess, fix everything it touches.
         # (an add keeps its kind: export still has to drop its pruned inputs)
         res.kinds[node] = kind if kind == Kind.ADD else Kind.OTHER
-        for a in ins:
-            fix(raw[a])
-        if size is not None:
-            raw[node] = uf.new(size)
+        for a in node.all_input_nodes:
+            fix(raw.get(a, ()))
+            for part in res.parts.get(a, ()):
+                fix(part[1] if part else ())
+        same = next((a for a in node.all_input_nodes if a in raw and tensor_shape(a) == shape), None)
+        if same is not None:  # e.g. a norm: same shape, so the channels are where they were
+            raw[node], axis[node] = uf.new(len(raw[same])), axis[same]
             fix(raw[node])
+            opaque.add(node)
+        elif size is not None:
+            fresh(node, size, fixed=True)
+            opaque.add(node)
 
+    res.raw = raw
     res.fixed = {uf.find(i) for i in res.fixed}
     res.slots = {n: [uf.find(i) for i in ids] for n, ids in raw.items()}
+    res.part_slots = {n: [None if p is None else (p[0], [uf.find(i) for i in p[1]]) for p in parts]
+                      for n, parts in res.parts.items()}
     return res
+
+
+def _couple_groups(uf: _UnionFind, ids: list[int], groups: int) -> None:
+    """Position j of every group of a grouped conv is one class: removing it from every group
+    keeps the groups equal, so the conv stays a grouped conv."""
+    per = len(ids) // groups
+    for g in range(1, groups):
+        for j in range(per):
+            uf.union(ids[j], ids[g * per + j])
+
+
+def _keeps_axis(node: fx.Node, kind: str, src: fx.Node, ax: int) -> bool:
+    """A per-channel op keeps its input's channel axis (same shape; norms, convs, pools and
+    pads only along dim 1)."""
+    if tensor_shape(node) is None or tensor_shape(src) is None:
+        return False
+    if kind in (Kind.BN, Kind.DWCONV, Kind.POOL, Kind.PAD):
+        return ax == 1 and tensor_shape(node)[1] == tensor_shape(src)[1]
+    return tensor_shape(node) == tensor_shape(src)
+
+
+def _pooled_axis(node: fx.Node, src: fx.Node) -> Optional[int]:
+    """Where the channel axis lands after a spatial pool or mean (None: it is reduced)."""
+    out, inp = tensor_shape(node), tensor_shape(src)
+    if out is None or len(out) < 2 or out[1] != inp[1]:
+        return None
+    return 1
+
+
+def _token_field(a, raw, res, shape):
+    """Channel ids + 1 laid along ``a``'s channel axis (0: unknown), in ``a``'s shape."""
+    ids = torch.tensor(raw[a], dtype=torch.float64) + 1
+    ax = res.axis[a]
+    view = [1] * len(shape)
+    view[ax] = -1
+    return ids.view(view).expand(shape).contiguous()
+
+
+def _field_axis(t: torch.Tensor) -> Optional[tuple[int, list[int]]]:
+    """The dim along which a token field is constant over all other dims, with its ids."""
+    if t.dim() < 2:
+        return None
+    whole = float(t.min()) == float(t.max())
+    for d in range(1, t.dim()):
+        f = t.movedim(d, 0).reshape(t.shape[d], -1)
+        if (t.shape[d] > 1 or whole) and bool((f.min(1).values == f.max(1).values).all()):
+            return d, [int(v) - 1 for v in f[:, 0].tolist()]
+    return None
+
+
+def _analyze_move(node: fx.Node, raw, res: ChannelAnalysis, uf: _UnionFind, modules) -> bool:
+    """Data movement: run the op on fields of channel ids to see where each channel goes."""
+    if not _move_is_channel_safe(node, raw, res):
+        return False
+    tracked = False
+
+    def field(a: fx.Node):
+        nonlocal tracked
+        if a in raw:
+            tracked = True
+            return _token_field(a, raw, res, tensor_shape(a))
+        if a in res.parts:
+            tracked = True
+            return tuple(torch.zeros(sh, dtype=torch.float64) if p is None else
+                         _token_field_from(p, sh) for p, sh in zip(res.parts[a], _part_shapes(a)))
+        shape = tensor_shape(a)
+        if shape is not None:
+            return torch.zeros(shape, dtype=torch.float64)
+        return evaluate_scalar(a)
+
+    try:
+        args = fx.node.map_arg(node.args, field)
+        kwargs = fx.node.map_arg(node.kwargs, field)
+        if not tracked:
+            return False
+        with torch.no_grad():
+            if node.op == "call_function":
+                out = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                out = getattr(torch.Tensor, node.target)(*args, **kwargs)
+            else:
+                out = modules[node.target](*args, **kwargs)
+    except Exception:  # noqa: BLE001 - anything we cannot replay is simply not understood
+        return False
+
+    def place(t: torch.Tensor):
+        found = _field_axis(t)
+        if found is None:
+            return None
+        ax, ids = found
+        unknown = [p for p, i in enumerate(ids) if i < 0]
+        if unknown:
+            new = uf.new(len(unknown))
+            res.fixed.update(new)
+            for p, i in zip(unknown, new):
+                ids[p] = i
+        return ax, ids
+
+    if isinstance(out, torch.Tensor):
+        placed = place(out)
+        if placed is None:
+            return False
+        res.axis[node], raw[node] = placed
+        return True
+    if isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
+        parts = [place(t) for t in out]
+        for t, p in zip(out, parts):  # a part whose channels cannot be followed fixes them
+            if p is None:
+                res.fixed.update(int(v) - 1 for v in torch.unique(t).tolist() if v > 0)
+        res.parts[node] = parts
+        return True
+    return False
+
+
+_SHAPE_METHODS = ("view", "reshape", "expand")
+
+
+def _move_is_channel_safe(node: fx.Node, raw, res: ChannelAnalysis) -> bool:
+    """Whether export can replay this move on fewer channels: ops that wrap or mix positions
+    along the channel axis (roll, channel shuffle, strided slices) and shapes computed at run
+    time at the channel position are left alone (their channels get fixed)."""
+    x = node.args[0] if node.args else None
+    ax = res.axis.get(x) if isinstance(x, fx.Node) and x in raw else None
+    t = node.target
+    if t in (torch.channel_shuffle,) or (node.op == "call_module" and "Shuffle" in type(t).__name__):
+        return ax is None
+    if t is torch.roll or t == "roll":
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        return ax is None or not dims or ax not in [d % len(tensor_shape(x)) for d in dims]
+    if t is operator.getitem and ax is not None:
+        entry = index_entry_for_dim(node.args[1], len(tensor_shape(x)), ax)
+        return not (isinstance(entry, slice) and entry.step not in (None, 1))
+    if node.op == "call_method" and t in _SHAPE_METHODS or t is torch.reshape:
+        out = tensor_shape(node)
+        sizes = shape_args(node)
+        return not any(isinstance(v, fx.Node) for v in sizes) or out is None
+    return True
+
+
+def shape_args(node: fx.Node) -> list:
+    """The size arguments of view/reshape/expand (varargs or one tuple)."""
+    rest = list(node.args[1:]) if node.target is not torch.reshape else [node.args[1]]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        return list(rest[0])
+    return rest
+
+
+def index_entry_for_dim(idx, ndim: int, dim: int):
+    """The entry of an index (ints, slices, None, Ellipsis) that addresses input ``dim``
+    (``slice(None)`` when none does)."""
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    consumed = [i for i in items if i is not None and i is not Ellipsis]
+    d = 0
+    for i in items:
+        if i is None:
+            continue
+        if i is Ellipsis:
+            d += ndim - len(consumed)
+            continue
+        if d == dim:
+            return i
+        d += 1
+    return slice(None)
+
+
+def _part_shapes(node: fx.Node) -> list[tuple]:
+    meta = node.meta.get("tensor_meta")
+    return [tuple(m.shape) for m in meta]
+
+
+def _token_field_from(part, shape):
+    ax, ids = part
+    t = torch.tensor(ids, dtype=torch.float64) + 1
+    view = [1] * len(shape)
+    view[ax] = -1
+    return t.view(view).expand(shape).contiguous()
 
 
 def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
@@ -195,7 +406,12 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
         layer_weight: the effective (masked) weight of a depthwise layer.
     """
     consts: dict[fx.Node, torch.Tensor] = {}
+    part_consts: dict[fx.Node, list] = {}
     for node, kind in analysis.kinds.items():
+        if kind == Kind.MOVE and node in analysis.parts:
+            cmap = _const_map(node, analysis, consts, part_consts)
+            part_consts[node] = [None if p is None else _lookup(cmap, p[1]) for p in analysis.parts[node]]
+            continue
         if node not in analysis.slots:
             continue
         size = len(analysis.slots[node])
@@ -210,17 +426,13 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
             ks = [consts.get(a) for a in node.args if isinstance(a, fx.Node) and a in analysis.slots]
             if len(ks) == 1:
                 consts[node] = ks[0] if ks[0] is not None else nan
-            elif any(k is None for k in ks):
+            elif any(k is None or len(k) != size for k in ks):  # an add we did not follow
                 consts[node] = nan
             else:
                 consts[node] = ks[0] + ks[1] if kind == Kind.ADD else ks[0] * ks[1]
-        elif kind == Kind.CAT:
-            consts[node] = torch.cat([consts.get(p, torch.full((len(analysis.slots[p]),), math.nan))
-                                      for p in node.args[0]])
-        elif kind == Kind.FLATTEN:
-            per = size // len(analysis.slots[first])
-            consts[node] = (k_in if k_in is not None else nan).repeat_interleave(per)
-        elif kind in (Kind.DWCONV, Kind.BN, Kind.POINTWISE, Kind.POOL, Kind.PAD, Kind.SLICE, Kind.SCALE):
+        elif kind == Kind.MOVE:
+            consts[node] = _lookup(_const_map(node, analysis, consts, part_consts), analysis.raw[node])
+        elif kind in (Kind.DWCONV, Kind.BN, Kind.POINTWISE, Kind.POOL, Kind.PAD, Kind.SCALE):
             if k_in is None or torch.isnan(k_in).all():
                 consts[node] = nan
             else:
@@ -230,10 +442,38 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
     return consts
 
 
+def _const_map(node, analysis, consts, part_consts) -> dict[int, float]:
+    """Channel id -> constant, over a data-movement node's inputs (NaN where two inputs carry
+    the same id with different constants, e.g. ``cat([x, relu(x)])``)."""
+    cmap: dict[int, float] = {}
+
+    def add(ids, k):
+        for i, v in zip(ids, k.tolist() if k is not None else [math.nan] * len(ids)):
+            if i in cmap and not (cmap[i] == v or (math.isnan(cmap[i]) and math.isnan(v))):
+                v = math.nan
+            cmap[i] = v
+
+    for a in node.all_input_nodes:
+        if a in analysis.raw:
+            add(analysis.raw[a], consts.get(a))
+        elif a in analysis.parts:
+            for p, k in zip(analysis.parts[a], part_consts.get(a, [])):
+                if p is not None:
+                    add(p[1], k)
+    return cmap
+
+
+def _lookup(cmap: dict[int, float], ids: list[int]) -> torch.Tensor:
+    return torch.tensor([cmap.get(i, math.nan) for i in ids], dtype=torch.float32)
+
+
 def _evaluate_on_constant(gm, node, kind, k, layer_weight, analysis) -> torch.Tensor:
     """Run a per-channel node on a constant field and read back which channels stay constant."""
-    src_shape = tensor_shape(node.args[0])
-    x = k.view((1, -1) + (1,) * (len(src_shape) - 2)).expand((1,) + tuple(src_shape[1:])).contiguous()
+    src = node.args[0]
+    src_shape = (1,) + tuple(tensor_shape(src)[1:])
+    view = [1] * len(src_shape)
+    view[analysis.axis[src]] = -1
+    x = k.view(view).expand(src_shape).contiguous()
     with torch.no_grad():
         if kind == Kind.DWCONV:
             lv = analysis.layers[node]
@@ -249,9 +489,13 @@ def _evaluate_on_constant(gm, node, kind, k, layer_weight, analysis) -> torch.Te
             finally:
                 m.train(was)
         else:
-            args = [x] + list(node.args[1:])
-            fn = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target)
-            y = fn(*args, **node.kwargs)
-    flat = y.reshape(y.shape[0], y.shape[1], -1)[0]
+            try:
+                args = [x] + [evaluate_scalar(a) for a in node.args[1:]]
+                kwargs = {key: evaluate_scalar(v) for key, v in node.kwargs.items()}
+                fn = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target)
+                y = fn(*args, **kwargs)
+            except (ValueError, TypeError, RuntimeError):
+                return torch.full((len(k),), math.nan)
+    flat = y.movedim(analysis.axis[node], 0).reshape(y.shape[analysis.axis[node]], -1)
     lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
     return torch.where((lo == hi) & torch.isfinite(lo), lo, torch.full_like(lo, math.nan))

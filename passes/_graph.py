@@ -21,7 +21,7 @@ from granular.meta import LAYER, SumInfo, tensor_shape
 
 __all__ = [
     "Kind", "node_kind", "LayerView", "layer_view", "find_sums", "module_of", "tensor_args",
-    "is_add", "POINTWISE_MODULES", "POOL_MODULES",
+    "is_add", "POINTWISE_MODULES", "POOL_MODULES", "evaluate_scalar",
 ]
 
 
@@ -37,12 +37,11 @@ class Kind:
     GATE_WEIGHT = "gate_weight"
     POINTWISE = "pointwise"  # unary, per element
     POOL = "pool"            # per channel, spatial
+    GCONV = "gconv"          # grouped conv: channels coupled across groups
     ADD = "add"
     MUL = "mul"              # tensor * tensor, per channel (broadcast allowed)
     SCALE = "scale"          # tensor * or / a Python number
-    CAT = "cat"
-    FLATTEN = "flatten"
-    SLICE = "slice"          # indexing that keeps dims 0 and 1 whole
+    MOVE = "move"            # pure data movement: reshape, permute, cat, split, slicing, ...
     PAD = "pad"
     NONTENSOR = "nontensor"
     OTHER = "other"
@@ -55,9 +54,19 @@ POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMax
 _POINTWISE_FUNCS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.sigmoid,
                     F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.dropout, F.elu,
                     F.mish, torch.nn.functional.relu_}
-_POINTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float"}
+_POINTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clone", "float"}
 _POOL_FUNCS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
                torch.max_pool2d, torch.avg_pool2d if hasattr(torch, "avg_pool2d") else F.avg_pool2d}
+# Pure data movement: the output's elements are input elements (or fresh padding), so where
+# every channel goes can be computed by running the op on a field of channel ids.
+_SPLIT_FUNCS = {torch.split, torch.chunk, torch.unbind, torch.tensor_split}
+_SPLIT_METHODS = {"split", "chunk", "unbind", "tensor_split"}
+_MOVE_FUNCS = {torch.permute, torch.transpose, torch.swapaxes, torch.reshape, torch.flatten, torch.cat,
+               torch.concat, torch.stack, torch.squeeze, torch.unsqueeze, torch.narrow, torch.flip,
+               torch.roll, torch.channel_shuffle, torch.movedim, torch.unflatten, torch.select} | _SPLIT_FUNCS
+_MOVE_METHODS = {"permute", "transpose", "swapaxes", "view", "reshape", "flatten", "unflatten", "squeeze",
+                 "unsqueeze", "narrow", "flip", "roll", "expand", "movedim", "select", "contiguous"} | _SPLIT_METHODS
+_MOVE_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
 _ADD_TARGETS = {operator.add, torch.add, operator.iadd}
 _MUL_TARGETS = {operator.mul, torch.mul, operator.imul}
 _DIV_TARGETS = {operator.truediv, torch.div}
@@ -165,6 +174,12 @@ def node_kind(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None)
             return Kind.GATE_FILTER
         if isinstance(m, WeightMask):
             return Kind.GATE_WEIGHT
+    if node.op == "call_function" and node.target in _SPLIT_FUNCS or (
+            node.op == "call_method" and node.target in _SPLIT_METHODS):
+        return Kind.MOVE
+    if node.op == "call_function" and node.target is operator.getitem and _static_index(node.args[1]) and \
+            isinstance(node.args[0], fx.Node) and tensor_shape(node) is not None:
+        return Kind.MOVE
     shape = tensor_shape(node)
     if shape is None:
         return Kind.NONTENSOR
@@ -172,7 +187,7 @@ def node_kind(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None)
     if lv is not None:
         if lv.kind == "dwconv":
             return Kind.DWCONV
-        return Kind.LAYER if lv.kind in ("conv", "linear") else Kind.OTHER
+        return Kind.LAYER if lv.kind in ("conv", "linear") else Kind.GCONV
     if node.op == "call_module":
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
             return Kind.BN if len(shape) >= 2 else Kind.OTHER
@@ -180,8 +195,8 @@ def node_kind(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None)
             return Kind.POINTWISE
         if type(m) in POOL_MODULES:
             return Kind.POOL
-        if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
-            return Kind.FLATTEN
+        if type(m) in _MOVE_MODULES:
+            return Kind.MOVE
         return Kind.OTHER
     if is_add(node):
         return Kind.ADD
@@ -191,14 +206,10 @@ def node_kind(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None)
             return Kind.POINTWISE
         if t in _POOL_FUNCS:
             return Kind.POOL
-        if t is torch.flatten and _flatten_from_1(node):
-            return Kind.FLATTEN
-        if t is torch.cat and _cat_dim(node) == 1:
-            return Kind.CAT
+        if t in _MOVE_FUNCS or (t is operator.getitem and _static_index(node.args[1])):
+            return Kind.MOVE
         if t is F.pad and _pads_spatial_only(node):
             return Kind.PAD
-        if t is operator.getitem and _slice_keeps_channels(node):
-            return Kind.SLICE
         if t in _MUL_TARGETS | _DIV_TARGETS:
             return _mul_kind(node, divide=t in _DIV_TARGETS)
         if t is torch.mean and _mean_spatial(node):
@@ -208,10 +219,8 @@ def node_kind(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None)
         t = node.target
         if t in _POINTWISE_METHODS:
             return Kind.POINTWISE
-        if t in ("flatten",) and _flatten_from_1(node):
-            return Kind.FLATTEN
-        if t in ("view", "reshape") and _is_flatten_reshape(node):
-            return Kind.FLATTEN
+        if t in _MOVE_METHODS:
+            return Kind.MOVE
         if t in ("mul", "mul_"):
             return _mul_kind(node, divide=False)
         if t in ("div", "div_"):
@@ -228,21 +237,16 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def _flatten_from_1(node: fx.Node) -> bool:
-    return _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1
-
-
-def _is_flatten_reshape(node: fx.Node) -> bool:
-    src, out = tensor_shape(node.args[0]), tensor_shape(node)
-    return src is not None and out is not None and len(src) >= 2 and len(out) == 2 and out[0] == src[0]
-
-
-def _cat_dim(node: fx.Node) -> Optional[int]:
-    d = _arg(node, 1, "dim", 0)
-    shape = tensor_shape(node)
-    if shape is None or not isinstance(d, int):
-        return None
-    return d % len(shape)
+def _static_index(idx) -> bool:
+    """An index made of ints, slices of ints, None and Ellipsis (no tensors): data movement."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    for i in items:
+        if isinstance(i, slice):
+            if not all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step)):
+                return False
+        elif not (i is None or i is Ellipsis or isinstance(i, int)):
+            return False
+    return True
 
 
 def _pads_spatial_only(node: fx.Node) -> bool:
@@ -252,16 +256,6 @@ def _pads_spatial_only(node: fx.Node) -> bool:
     if shape is None or not isinstance(pad, (tuple, list)) or mode != "constant":
         return False
     return len(pad) // 2 <= len(shape) - 2
-
-
-def _slice_keeps_channels(node: fx.Node) -> bool:
-    idx = node.args[1]
-    src = tensor_shape(node.args[0])
-    if src is None or not isinstance(idx, tuple) or len(src) < 2:
-        return False
-    full = slice(None, None, None)
-    return len(idx) >= 2 and idx[0] == full and idx[1] == full and all(
-        isinstance(i, slice) for i in idx)
 
 
 def _mean_spatial(node: fx.Node) -> bool:
@@ -319,3 +313,42 @@ def find_sums(gm: fx.GraphModule) -> dict[fx.Node, SumInfo]:
         walk(root)
         sums[root] = SumInfo(inputs=tuple(x.name for x in leaves), adds=tuple(x.name for x in tree))
     return sums
+
+
+_SCALAR_OPS = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+               operator.floordiv: operator.floordiv, operator.truediv: operator.truediv,
+               operator.mod: operator.mod, operator.neg: operator.neg, operator.getitem: operator.getitem}
+
+
+def evaluate_scalar(value):
+    """The concrete value of a size computation in the graph, read from ``tensor_meta``.
+
+    Shape arguments of reshapes and splits are often nodes (``x.size(0)``, ``x.shape[1] // 2``).
+    This evaluates ``size``/``dim`` calls, ``.shape``, indexing and integer arithmetic over
+    them; anything else raises ``ValueError`` (the caller then leaves the channels alone).
+    """
+    if isinstance(value, (tuple, list)):
+        return type(value)(evaluate_scalar(v) for v in value)
+    if isinstance(value, slice):
+        return slice(evaluate_scalar(value.start), evaluate_scalar(value.stop), evaluate_scalar(value.step))
+    if not isinstance(value, fx.Node):
+        return value
+    n = value
+    if n.op == "call_method" and n.target in ("size", "dim"):
+        shape = tensor_shape(n.args[0])
+        if shape is None:
+            raise ValueError(f"{n.name}: no shape")
+        if n.target == "dim":
+            return len(shape)
+        d = evaluate_scalar(n.args[1]) if len(n.args) > 1 else n.kwargs.get("dim")
+        return torch.Size(shape) if d is None else shape[d]
+    if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+        shape = tensor_shape(n.args[0])
+        if shape is None:
+            raise ValueError(f"{n.name}: no shape")
+        return torch.Size(shape)
+    if n.op == "call_function" and n.target in _SCALAR_OPS and not n.kwargs:
+        if n.target is operator.getitem and tensor_shape(n.args[0]) is not None:
+            raise ValueError(f"{n.name}: indexes a tensor")
+        return _SCALAR_OPS[n.target](*(evaluate_scalar(a) for a in n.args))
+    raise ValueError(f"{n.name}: not a size computation")

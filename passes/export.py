@@ -37,8 +37,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.errors import GranularError
 from granular.gates import GATE_ROOT, WeightMask
-from granular.meta import GATE
-from granular.passes._channels import ChannelAnalysis, analyze_channels, channel_constants
+from granular.meta import GATE, tensor_shape
+from granular.passes._channels import (ChannelAnalysis, shape_args, analyze_channels, channel_constants,
+                                       index_entry_for_dim)
 from granular.passes._graph import Kind, LayerView, layer_view, module_of
 
 __all__ = ["ExportPlan", "plan_export", "build_export", "Export", "export_graph"]
@@ -53,6 +54,7 @@ class ExportPlan:
         zero: nodes whose value is exactly zero (pruned α gates, sums of them).
         analysis: channel classes of the live graph.
         keep: kept channel positions per node with a channel axis.
+        part_keep: the same per element, for nodes returning tuples (split, chunk).
         modules: new modules by qualified path (folded layers and norms).
         folded_into: chain nodes (norms, gates) folded into the node that now produces them.
         literals: α gates that become ``x * value``.
@@ -63,6 +65,7 @@ class ExportPlan:
     zero: set[fx.Node]
     analysis: ChannelAnalysis
     keep: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
+    part_keep: dict[fx.Node, list] = field(default_factory=dict)
     modules: dict[str, nn.Module] = field(default_factory=dict)
     module_of_node: dict[fx.Node, str] = field(default_factory=dict)
     folded_into: dict[fx.Node, fx.Node] = field(default_factory=dict)
@@ -177,24 +180,32 @@ def _plan(gm: fx.GraphModule) -> ExportPlan:
                 kp = float(k[p])
                 if math.isnan(kp) or (kp != 0.0 and not fold_ok):
                     removable.discard(c)
+    tensors = list(analysis.slots.values()) + [p[1] for parts in analysis.part_slots.values()
+                                              for p in parts if p is not None]
     changed = True
     while changed:  # every tensor keeps at least one channel
         changed = False
-        for n, ids in analysis.slots.items():
+        for ids in tensors:
             if ids and all(c in removable for c in ids):
                 removable.discard(ids[0])
                 changed = True
+
+    def kept(ids):
+        return torch.tensor([p for p, c in enumerate(ids) if c not in removable], dtype=torch.long)
+
     for n, ids in analysis.slots.items():
-        plan.keep[n] = torch.tensor([p for p, c in enumerate(ids) if c not in removable], dtype=torch.long)
+        plan.keep[n] = kept(ids)
+    for n, parts in analysis.part_slots.items():
+        plan.part_keep[n] = [None if p is None else kept(p[1]) for p in parts]
 
     # Fold layers and norms with the gates that follow them.
     for n in gm.graph.nodes:
         if n not in alive:
             continue
         k = kinds.get(n)
-        if k in (Kind.LAYER, Kind.DWCONV) and n not in plan.folded_into:
+        if n in analysis.layers and n not in plan.folded_into:
             _plan_layer(gm, plan, n, kinds, gv, consts, modules)
-        elif k == Kind.OTHER and layer_view(gm, n, modules) is not None:  # channels fixed (grouped conv)
+        elif layer_view(gm, n, modules) is not None and n not in analysis.layers:  # channels fixed
             _plan_fixed_layer(gm, plan, n, modules)
         elif k == Kind.BN and n not in plan.folded_into:
             _plan_norm(gm, plan, n, kinds, gv, modules)
@@ -203,8 +214,8 @@ def _plan(gm: fx.GraphModule) -> ExportPlan:
         elif k == Kind.GATE_FILTER and n not in plan.folded_into:
             raise GranularError(f"export: filter gate {n.name} follows neither a layer nor a norm")
         elif n.op == "get_attr" and not str(n.target).startswith(GATE_ROOT):
-            if any(u in alive and kinds.get(u) != Kind.GATE_WEIGHT and not (
-                    kinds.get(u) in (Kind.LAYER, Kind.DWCONV)) for u in n.users):
+            if any(u in alive and kinds.get(u) != Kind.GATE_WEIGHT and layer_view(gm, u, modules) is None
+                   for u in n.users):
                 plan.attrs[str(n.target)] = _fetch_attr(gm, n.target)
         elif n.op == "call_module" and k not in (Kind.GATE_WEIGHT,) and n not in plan.folded_into:
             if str(n.target) not in plan.modules:  # copied when the module is built
@@ -267,6 +278,19 @@ def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules) ->
     if lv.kind == "dwconv":
         w_new = w[out_keep]
         in_keep = out_keep
+    elif lv.kind == "gconv":  # classes are coupled across groups: the same local slots go
+        groups, per_in = m.groups, w.shape[1]
+        in_keep = plan.keep[lv.x]
+        local = in_keep[in_keep < per_in]
+        removed = torch.ones(per_in, dtype=torch.bool)
+        removed[local] = False
+        if removed.any():
+            k = consts[lv.x].nan_to_num(0.0).view(groups, per_in)[torch.arange(c_out) // (c_out // groups)]
+            wsum = w.reshape(c_out, per_in, -1).sum(-1)
+            if (k[:, removed] != 0).any():
+                bias = bias + (wsum[:, removed] * k[:, removed]).sum(1)
+                has_bias = True
+        w_new = w[:, local]
     else:
         in_keep = plan.keep[lv.x]
         removed = torch.ones(w.shape[1], dtype=torch.bool)
@@ -285,7 +309,7 @@ def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules) ->
     if isinstance(m, nn.Linear):
         new = nn.Linear(len(in_keep), len(out_keep), bias=has_bias, device="meta")
     else:
-        groups = len(out_keep) if lv.kind == "dwconv" else 1
+        groups = {"dwconv": len(out_keep), "gconv": m.groups}.get(lv.kind, 1)
         cls = type(m)
         new = cls(len(in_keep), len(out_keep), m.kernel_size, stride=m.stride, padding=m.padding,
                   dilation=m.dilation, groups=groups, bias=has_bias, device="meta")
@@ -373,6 +397,8 @@ def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
                 env[n] = graph.get_attr(n.target)
         elif k == Kind.GATE_WEIGHT:
             continue
+        elif k == Kind.MOVE:
+            env[n] = _rebuild_move(graph, n, env, plan)
         else:
             env[n] = graph.node_copy(n, lambda x: env[x])
         if n in env and env[n] is not None and env[n].op != "placeholder":
@@ -382,6 +408,66 @@ def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
     compact.recompile()
     compact.eval()
     return compact
+
+
+_SPLITS = {torch.split: 2, torch.chunk: 2, torch.tensor_split: 2, "split": 2, "chunk": 2, "tensor_split": 2}
+
+
+def _arg(n: fx.Node, i: int, name: str, default=None):
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def _rebuild_move(graph: fx.Graph, n: fx.Node, env, plan: ExportPlan) -> fx.Node:
+    """Copy a data-movement node, rewriting the sizes and offsets along the channel axis
+    that removed channels change (split sizes, slice bounds, reshape sizes)."""
+    an = plan.analysis
+    x = n.args[0] if n.args else None
+    copy_node = lambda: graph.node_copy(n, lambda a: env[a])  # noqa: E731
+    if not isinstance(x, fx.Node) or x not in an.slots or len(plan.keep[x]) == len(an.slots[x]):
+        return copy_node()
+    ax, keep, old = an.axis[x], plan.keep[x], len(an.slots[x])
+    ndim = len(tensor_shape(x))
+
+    def new_pos(i: int) -> int:  # kept positions before old position i
+        i = i + old if i < 0 else min(i, old)
+        return int((keep < i).sum())
+
+    t = n.target
+    if t in _SPLITS:
+        dim = _arg(n, _SPLITS[t], "dim", 0) % ndim
+        if dim != ax:
+            return copy_node()
+        sizes = [len(k) for k in plan.part_keep[n]]
+        return graph.call_function(torch.split, (env[x], sizes, ax))
+    if t is operator.getitem:
+        items = list(n.args[1]) if isinstance(n.args[1], tuple) else [n.args[1]]
+        entry = index_entry_for_dim(n.args[1], ndim, ax)
+        pos = next((i for i, e in enumerate(items) if e is entry), None)
+        if pos is None:
+            return copy_node()
+        if isinstance(entry, slice):
+            start = 0 if entry.start is None else entry.start
+            stop = old if entry.stop is None else entry.stop
+            items[pos] = slice(new_pos(start), new_pos(stop), None)
+        else:
+            items[pos] = new_pos(entry)
+        index = tuple(items) if isinstance(n.args[1], tuple) else items[0]
+        return graph.call_function(operator.getitem, (env[x], index))
+    if t in (torch.narrow, "narrow") and _arg(n, 1, "dim") % ndim == ax:
+        start, length = _arg(n, 2, "start"), _arg(n, 3, "length")
+        s0 = new_pos(start)
+        return graph.call_function(torch.narrow, (env[x], ax, s0, new_pos(start + length) - s0))
+    if t in (torch.select, "select") and _arg(n, 1, "dim") % ndim == ax:
+        return graph.call_function(torch.select, (env[x], ax, new_pos(_arg(n, 2, "index"))))
+    if t in ("view", "reshape", "expand", torch.reshape) and n in an.axis:
+        sizes = shape_args(n)
+        oa = an.axis[n]
+        if isinstance(sizes[oa], int) and sizes[oa] != -1:
+            sizes[oa] = len(plan.keep[n])
+        if t is torch.reshape:
+            return graph.call_function(torch.reshape, (env[x], tuple(fx.node.map_arg(sizes, lambda a: env[a]))))
+        return graph.call_method(t, (env[x], *fx.node.map_arg(sizes, lambda a: env[a])))
+    return copy_node()
 
 
 def _parent_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:

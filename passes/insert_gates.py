@@ -98,7 +98,8 @@ class InsertGates(PassBase):
             if info.filter_gate:
                 users = list(node.users)
                 where = users[0] if len(users) == 1 and node_kind(gm, users[0]) == Kind.BN else node
-                bank.filter[key] = FilterGate(lv.out_channels)
+                out_shape = node.meta["tensor_meta"].shape
+                bank.filter[key] = FilterGate(lv.out_channels, channels_last=lv.kind == "linear" and len(out_shape) > 2)
                 _insert_after(graph, where, f"{GATE_ROOT}.filter.{key}", f"{GATE_ROOT}.scopes.{info.scope}.t_beta",
                               where, GateInfo("filter", key, info.scope))
             if info.weight_mask:
