@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 
 import torch.fx as fx
+from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.config import GateConfig
@@ -57,7 +58,16 @@ def _branch(leaf: fx.Node, tree: set[fx.Node]) -> set[fx.Node] | None:
                 stack.append(a)
     if all(m.op == "get_attr" for m in members):
         return None
+    if len(tree) == 1 and all(_is_identity(m) for m in members):
+        return None  # the skip path of a residual add; in a mixed op (3+ inputs) it is a candidate op
     return members
+
+
+def _is_identity(node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    m = node.graph.owning_module.get_submodule(node.target)
+    return isinstance(m, (nn.Identity, nn.Dropout))
 
 
 def _common_path(paths: list[str]) -> str:
@@ -90,10 +100,9 @@ class FindUnits(PassBase):
         self.config = config or GateConfig()
 
     def requires(self, gm: fx.GraphModule) -> None:
-        for n in gm.graph.nodes:
-            if n.op not in ("output",) and "tensor_meta" not in n.meta and n.op != "get_attr":
-                if n.op == "placeholder" or n.users:
-                    raise RuntimeError(f"{n.format_node()}: no tensor_meta; run trace (ShapeProp) first")
+        for n in gm.graph.nodes:  # ShapeProp leaves size computations (torch.Size) without meta
+            if n.op == "call_module" and "tensor_meta" not in n.meta and n.users:
+                raise RuntimeError(f"{n.format_node()}: no tensor_meta; run trace (ShapeProp) first")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -171,7 +180,7 @@ def _gate_would_precede_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
         k = node_kind(gm, u)
         if k == Kind.BN:
             return True
-        if k in (Kind.CAT, Kind.POINTWISE, Kind.SLICE, Kind.PAD, Kind.SCALE):
+        if k in (Kind.MOVE, Kind.POINTWISE, Kind.PAD, Kind.SCALE):
             frontier.extend(u.users)
     return False
 

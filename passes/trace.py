@@ -21,8 +21,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from granular.errors import TraceError
+from granular.passes.decompose import decompose_norm_act
 
-__all__ = ["trace", "register_leaf_module", "register_leaf_function", "GranularTracer"]
+__all__ = ["trace", "register_leaf_module", "register_leaf_function", "GranularTracer", "AUTO_LEAVES"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class GranularTracer(fx.Tracer):
             self.current_path = outer
 
 
-def _describe_failure(err: Exception, tracer: GranularTracer, model: nn.Module) -> str:
+def _describe_failure(err: Exception, tracer: GranularTracer, model: nn.Module) -> TraceError:
     path = tracer.failed_path or ""
     nodes = list(tracer.graph.nodes) if hasattr(tracer, "graph") else []
     after = f", after node '{nodes[-1].name}'" if nodes else ""
@@ -89,12 +90,20 @@ def _describe_failure(err: Exception, tracer: GranularTracer, model: nn.Module) 
         construct = "Python control flow on a traced tensor (if/while/bool/len/iteration)"
     else:
         construct = f"{type(err).__name__}: {msg}"
-    return (f"cannot trace {where}{after}: {construct}; pass leaf_modules=[...] naming that module's class "
-            f"(or granular.passes.register_leaf_module) so it is kept whole")
+    cls = type(model.get_submodule(path)) if path else type(model)
+    hint = (f"pass leaf_modules=[{cls.__name__}] (CLI: --leaf {cls.__name__}) so it is kept whole" if path else
+            "the model's own forward cannot be kept whole: make that code traceable, or wrap it in a module "
+            "and pass that module as a leaf")
+    return TraceError(f"cannot trace {where}{after}: {construct}; {hint}",
+                      module_path=path, module_type=cls, construct=construct)
+
+
+AUTO_LEAVES = "granular.auto_leaves"
 
 
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
-          leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Callable] = ()) -> fx.GraphModule:
+          leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Callable] = (),
+          auto_leaf: bool = False) -> fx.GraphModule:
     """Trace ``model`` and run shape propagation on ``example_inputs``.
 
     Args:
@@ -102,6 +111,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         example_inputs: a tensor or tuple of tensors, as passed to ``model``.
         leaf_modules: extra module classes to keep as single nodes.
         autowrap_functions: extra free functions to record as single nodes.
+        auto_leaf: on a failure inside a submodule, keep that module's class whole and try
+            again (what the error message tells a user to do). The classes added, with the
+            module and construct to blame, are listed in ``gm.meta["granular.auto_leaves"]``.
+            Channels through an auto leaf are fixed, never guessed.
 
     Returns:
         A GraphModule whose nodes carry ``tensor_meta``.
@@ -112,12 +125,24 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    tracer = GranularTracer(leaf_modules, autowrap_functions)
-    try:
-        graph = tracer.trace(model)
-    except Exception as err:  # noqa: BLE001 - every tracing failure becomes one line
-        raise TraceError(_describe_failure(err, tracer, model)) from err
+    leaves = list(leaf_modules)
+    blamed: list[dict] = []
+    while True:
+        tracer = GranularTracer(leaves, autowrap_functions)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as err:  # noqa: BLE001 - every tracing failure becomes one line
+            failure = _describe_failure(err, tracer, model)
+        if not (auto_leaf and failure.module_path and failure.module_type not in leaves):
+            raise failure
+        leaves.append(failure.module_type)
+        blamed.append({"module": failure.module_path, "type": failure.module_type.__name__,
+                       "construct": failure.construct})
+        log.info("trace: keeping %s whole (%s)", failure.module_type.__name__, failure.construct)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta[AUTO_LEAVES] = blamed
+    decompose_norm_act(gm)
     propagate_shapes(gm, example_inputs)
     return gm
 

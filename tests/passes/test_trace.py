@@ -94,5 +94,13 @@ def test_timm_leaf_registry_is_honoured():
     x = example(3, size=9)
     gm = trace(model, x[:2])
     targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    assert {"conv", "bn"} <= targets  # kept whole, as timm's registry asks
+    assert "conv" in targets  # kept whole, as timm's registry asks
+    # BatchNormAct2d is a leaf too, then split into plain modules that share its state
+    assert {"bn.bn", "bn.drop", "bn.act"} <= targets
+    assert type(gm.get_submodule("bn.bn")) is nn.BatchNorm2d
+    assert gm.get_submodule("bn.bn").running_mean is model.bn.running_mean
+    assert type(model.bn).__name__ == "BatchNormAct2d"  # the user's model is left as it was
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    model.train()
+    gm.train()
+    torch.testing.assert_close(gm(x), model(x))  # batch statistics in training mode, as the leaf did
