@@ -10,6 +10,8 @@ from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from granular.config import GateConfig
+from granular.errors import GranularError
+from granular.gates import GATE_ROOT
 from granular.passes.find_units import FindUnits
 from granular.passes.insert_gates import InsertGates
 from granular.passes.trace import trace
@@ -19,7 +21,7 @@ __all__ = ["prepare"]
 
 def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
             config: GateConfig | None = None, *, leaf_modules: Iterable[type] = (),
-            autowrap_functions: Iterable[Callable] = ()) -> fx.GraphModule:
+            autowrap_functions: Iterable[Callable] = (), auto_leaf: bool = False) -> fx.GraphModule:
     """Trace ``model`` and insert α/β/ω gates: the gated graph that :func:`granular.search` trains.
 
     Args:
@@ -28,6 +30,9 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         config: which units to gate (:class:`~granular.config.GateConfig`).
         leaf_modules: module classes to keep as single nodes while tracing.
         autowrap_functions: free functions to record as single nodes.
+        auto_leaf: keep each submodule that fails to trace whole, and go on (see
+            :func:`granular.passes.trace.trace`); the blamed modules are listed in
+            ``gm.meta["granular.auto_leaves"]``.
 
     Returns:
         The gated GraphModule. ``print(gm.code)`` shows the gates; its gate parameters live
@@ -35,7 +40,18 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
 
     Raises:
         TraceError: the model cannot be traced; the message names the module and construct.
+        GranularError: the model has no prunable unit at any granularity.
     """
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+               auto_leaf=auto_leaf)
     pm = PassManager(passes=[FindUnits(config or GateConfig()), InsertGates()], steps=1)
-    return pm(gm).graph_module
+    try:
+        gm = pm(gm).graph_module
+    except Exception as err:  # PassManager wraps every error: surface the pass's own
+        raise (err.__cause__ or err) from None
+    bank = getattr(gm, GATE_ROOT)
+    if not (len(bank.op) or len(bank.filter) or len(bank.weight)):
+        raise GranularError(f"{type(model).__name__} has no prunable units: no residual branch joins a sum, and "
+                            f"every conv/linear has fixed channels or is the stem/head; check the model with "
+                            f"`granular inspect`, or enable mask_stem/mask_head in GateConfig")
+    return gm

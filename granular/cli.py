@@ -2,6 +2,7 @@
 
     granular search SPEC --target-params 2.2M [--dataset D] [--epochs N] [--out DIR] [--resume] [--seed S]
     granular export RUN_DIR [--out DIR]
+    granular inspect SPEC [--dataset D] [--leaf CLASS ...] [--strict] [--all]
 
 Bad input prints one line (``error: ...``) and exits with status 2; a search that ends
 without meeting its target exits with status 3 (its best model is still exported).
@@ -22,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="granular", description="Multi-granularity pruning with learned thresholds.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("search", help="search a compact model that meets a parameter target")
-    s.add_argument("spec", help="path/model.py[:callable], or a search space: darts, darts:tiny|small|large")
+    s.add_argument("spec", help="path/model.py[:callable], timm:NAME, torchvision:NAME, or a search space: "
+                                "darts, darts:tiny|small|large")
     s.add_argument("--target-params", help="nonzero parameter target, e.g. 2.2M or 60K (not needed with --resume)")
     s.add_argument("--dataset", default="digits", help="digits (default, offline), cifar10, cifar100, "
                                                        "imagefolder:DIR, fake")
@@ -39,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--device", default="cpu")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--leaf", action="append", metavar="CLASS",
+                   help="keep modules of this class whole when tracing (repeatable)")
+    s.add_argument("--auto-leaf", action="store_true",
+                   help="keep every module that fails to trace whole, instead of stopping")
+    i = sub.add_parser("inspect", help="show what can be pruned: units per granularity, budget, untraceable parts")
+    i.add_argument("spec", help="as for search")
+    i.add_argument("--dataset", default=None, help="size the input for this data set (default: the model's "
+                                                   "native input for timm/torchvision, digits otherwise)")
+    i.add_argument("--data-root", default=None)
+    i.add_argument("--leaf", action="append", metavar="CLASS", help="keep modules of this class whole")
+    i.add_argument("--strict", action="store_true", help="stop at the first untraceable module "
+                                                        "(default: keep it whole, report it and go on)")
+    i.add_argument("--all", action="store_true", help="list every operation unit")
     e = sub.add_parser("export", help="re-export the compact model of a run directory")
     e.add_argument("run_dir")
     e.add_argument("--out", default=None, help="where to write the model (default RUN_DIR/model)")
@@ -53,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "search":
             from granular.run import run_search
             return run_search(args)
+        if args.command == "inspect":
+            from granular.inspection import run_inspect
+            return run_inspect(args)
         if args.command == "export":
             from granular.run import run_export
             return run_export(args)

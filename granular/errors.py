@@ -16,7 +16,20 @@ class GranularError(Exception):
 
 
 class TraceError(GranularError):
-    """The model cannot be traced by torch.fx."""
+    """The model cannot be traced by torch.fx.
+
+    Attributes:
+        module_path: the innermost module being traced when it failed ("" for the root).
+        module_type: that module's class.
+        construct: what broke, in words.
+    """
+
+    def __init__(self, message: str, *, module_path: str = "", module_type: type | None = None,
+                 construct: str = ""):
+        super().__init__(message)
+        self.module_path = module_path
+        self.module_type = module_type
+        self.construct = construct
 
 
 class TargetError(GranularError):

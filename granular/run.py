@@ -25,7 +25,7 @@ from granular.data import load_data
 from granular.errors import CheckpointError, GranularError
 from granular.io import save
 from granular.search import CHECKPOINT, Searcher, check_target
-from granular.spec import build_model, spec_name
+from granular.spec import build_model, resolve_leaves, spec_name
 
 __all__ = ["run_search", "run_export", "RUN_CONFIG", "write_json_atomic"]
 
@@ -62,8 +62,10 @@ def _build(run: dict[str, Any]):
     data = load_data(run["dataset"], batch_size=run["search"]["batch_size"], seed=run["search"]["seed"],
                      root=run.get("data_root"), augment=run.get("augment", False))
     torch.manual_seed(run["search"]["seed"])
-    model = build_model(run["spec"], num_classes=data.num_classes, in_channels=data.in_channels)
-    gm = prepare(model, data.example_input())
+    model = build_model(run["spec"], num_classes=data.num_classes, in_channels=data.in_channels,
+                        image_size=data.image_size)
+    gm = prepare(model, data.example_input(), leaf_modules=resolve_leaves(model, run.get("leaf") or []),
+                 auto_leaf=run.get("auto_leaf", False))
     return data, gm, SearchConfig.from_dict(run["search"])
 
 
@@ -89,6 +91,7 @@ def run_search(args: argparse.Namespace) -> int:
         target = parse_size(args.target_params)
         cfg = SearchConfig(target_params=target, **_overrides(args))
         run = {"spec": args.spec, "dataset": args.dataset, "data_root": args.data_root, "augment": args.augment,
+               "leaf": args.leaf or [], "auto_leaf": args.auto_leaf,
                "search": cfg.to_dict(), "granular_version": _version()}
     data, gm, cfg = _build(run)
     if not args.resume:

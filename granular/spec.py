@@ -1,4 +1,5 @@
-"""Resolve a model SPEC: ``path/model.py[:callable]`` or a registered search space.
+"""Resolve a model SPEC: ``path/model.py[:callable]``, ``timm:NAME``, ``torchvision:NAME`` or a
+registered search space.
 
 A ``model.py`` may define its model as a function or an ``nn.Module`` subclass. Without
 ``:callable``, granular looks for, in order: ``model``, ``build_model``, ``create_model``,
@@ -15,10 +16,11 @@ from typing import Callable
 from torch import nn
 
 from granular.errors import GranularError
+from granular.hub import build_zoo_model, is_zoo_spec
 from granular.io import _load_source_module
 from granular.search_spaces import build_search_space, get_search_space, list_search_spaces
 
-__all__ = ["build_model", "is_search_space", "spec_name"]
+__all__ = ["build_model", "is_search_space", "spec_name", "resolve_leaves"]
 
 _DEFAULT_NAMES = ("model", "build_model", "create_model", "get_model", "Model", "Net")
 
@@ -71,7 +73,7 @@ def _find_callable(module, path: Path, name: str | None) -> Callable:
                         f"or name it as {path}:callable")
 
 
-def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
+def build_model(spec: str, *, num_classes: int, in_channels: int, image_size: int | None = None) -> nn.Module:
     """Build the model a SPEC names.
 
     Raises:
@@ -101,7 +103,21 @@ def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
         if not isinstance(model, nn.Module):
             raise GranularError(f"{spec} returned {type(model).__name__}, not an nn.Module: return the model")
         return model
+    if is_zoo_spec(spec):
+        return build_zoo_model(spec, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     if is_search_space(spec):
         return build_search_space(spec, num_classes=num_classes, in_channels=in_channels)
-    raise GranularError(f"unknown model spec '{spec}': use path/model.py[:callable] or one of "
-                        f"{', '.join(list_search_spaces())}")
+    raise GranularError(f"unknown model spec '{spec}': use path/model.py[:callable], timm:NAME, torchvision:NAME "
+                        f"or one of {', '.join(list_search_spaces())}")
+
+
+def resolve_leaves(model: nn.Module, names: list[str]) -> list[type]:
+    """Module classes named by ``--leaf NAME`` (a class name used somewhere in ``model``)."""
+    types = {type(m).__name__: type(m) for m in model.modules()}
+    out = []
+    for name in names:
+        if name not in types:
+            raise GranularError(f"--leaf {name}: no module of class {name} in the model; "
+                                f"use a class name that `granular inspect` lists")
+        out.append(types[name])
+    return out

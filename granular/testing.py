@@ -6,14 +6,21 @@ public so that users can check their own models the same way.
 
 from __future__ import annotations
 
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
 import torch
 import torch.fx as fx
 from torch import nn
 
+from granular.accounting import ParamCount
 from granular.gates import GATE_ROOT, FilterGate, OpGate, WeightMask
 from granular.meta import GATE, SUM
 
-__all__ = ["random_masks_", "open_gates_", "randomize_norms_", "protect_last_ops_"]
+__all__ = ["random_masks_", "open_gates_", "randomize_norms_", "protect_last_ops_", "check_export",
+           "ExportCheck", "gate_units"]
 
 
 def _bank(gm: fx.GraphModule):
@@ -114,3 +121,105 @@ def randomize_norms_(module: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.5)
     return module
+
+
+@dataclass
+class ExportCheck:
+    """What :func:`check_export` found for one model (DESIGN.md invariants 1 and 2).
+
+    Attributes:
+        ok: every check passed.
+        reason: why not, in one line ("" when ok).
+        rel_err: max |compact - gated| / max |gated| over the outputs, in eval mode.
+        counted: ``count_params`` of the gated graph (the promise).
+        exported: the parameter count of ``export`` (what was delivered).
+        original: the dense parameter count of the model before gating.
+        units: the gated units per granularity (``op``, ``filter``, ``weight``).
+    """
+
+    ok: bool
+    reason: str = ""
+    rel_err: float = math.nan
+    counted: Optional[ParamCount] = None
+    exported: Optional[ParamCount] = None
+    original: int = 0
+    units: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def smaller(self) -> bool:
+        return self.exported is not None and self.exported.total < self.original
+
+
+def _flat_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat_outputs(o)]
+    return []
+
+
+def gate_units(gm: fx.GraphModule) -> dict[str, int]:
+    """How many units each granularity gates: op units, filters, weights."""
+    bank = _bank(gm)
+    return {"op": len(bank.op), "filter": sum(m.mask.numel() for m in bank.filter.values()),
+            "weight": sum(m.mask.numel() for m in bank.weight.values())}
+
+
+@torch.no_grad()
+def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float = 1e-4,
+                 leaf_modules=(), op: float = 0.3, filter: float = 0.3, weight: float = 0.3) -> ExportCheck:
+    """Prepare ``model``, prune random units at all three granularities, export, and check:
+    the compact output equals the gated one (eval mode, ``rtol`` relative to the output's
+    largest magnitude), ``count_params`` equals the export, and the export is smaller.
+
+    The model is deep-copied and its norms get random statistics (so folding is exercised);
+    the caller's model is not changed. Errors are caught and reported in ``reason``.
+    """
+    from granular.accounting import count_module, count_params, export
+    from granular.api import prepare
+
+    model = copy.deepcopy(model).eval()
+    randomize_norms_(model, seed=seed)
+    original = count_module(model).total
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    stage = "prepare"
+    units: dict[str, int] = {}
+    try:
+        gm = prepare(model, example_inputs, leaf_modules=leaf_modules)
+        units = gate_units(gm)
+        if not any(units.values()):
+            return ExportCheck(False, "no prunable units", original=original, units=units)
+        stage = "random masks"
+        random_masks_(gm, op=op, filter=filter, weight=weight, seed=seed)
+        gm.eval()
+        stage = "gated forward"
+        ref = _flat_outputs(gm(*example_inputs))
+        stage = "count_params"
+        counted = count_params(gm)
+        stage = "export"
+        compact = export(gm)
+        stage = "compact forward"
+        got = _flat_outputs(compact(*example_inputs))
+    except Exception as err:  # noqa: BLE001 - a coverage check reports, it does not stop
+        while err.__cause__ is not None:  # the pass manager wraps the real error
+            err = err.__cause__
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        return ExportCheck(False, f"{stage}: {type(err).__name__}: {first}", original=original, units=units)
+    exported = count_module(compact)
+    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got)):
+        return ExportCheck(False, "compact outputs differ in number or shape", counted=counted,
+                           exported=exported, original=original, units=units)
+    scale = max(float(r.abs().max()) for r in ref) if ref else 0.0
+    err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got)) if ref else 0.0
+    rel = err / scale if scale > 0 else err
+    reasons = []
+    if not rel <= rtol:
+        reasons.append(f"compact output differs from gated by {rel:.2e} relative (> {rtol:g})")
+    if counted != exported:
+        reasons.append(f"count_params says {counted}, export has {exported}")
+    if exported.total >= original:
+        reasons.append(f"export is not smaller ({exported.total:,} >= {original:,} parameters)")
+    return ExportCheck(not reasons, "; ".join(reasons), rel, counted, exported, original, units)
