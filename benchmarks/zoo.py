@@ -1,0 +1,199 @@
+"""Coverage of the passes across the model zoos: prepare, random masks, export, check.
+
+For the smallest model of every timm family (``timm.list_modules()``) and every torchvision
+classification model, this runs :func:`granular.testing.check_export`: random masks at all
+three granularities, then (1) the compact output equals the gated output in eval mode to
+1e-4 relative, (2) ``count_params`` equals the export, (3) the export is smaller than the
+original. It prints the pass fraction per zoo, a per-model table and each failure's reason.
+
+    python benchmarks/zoo.py                       # both zoos (about an hour on 2 CPU cores)
+    python benchmarks/zoo.py --zoo torchvision     # one zoo
+    python benchmarks/zoo.py --models timm:resnet10t torchvision:alexnet
+    python benchmarks/zoo.py --markdown docs/coverage.md
+
+Goals (issue 3): at least 90% of timm families and 95% of torchvision classification models
+pass every check; operation units are found in every family with residual blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import header  # noqa: E402
+
+from granular.hub import build_zoo_model, default_input, list_zoo_models  # noqa: E402
+from granular.testing import check_export  # noqa: E402
+
+GOALS = {"timm": 0.90, "torchvision": 0.95}
+
+
+@dataclass
+class Row:
+    spec: str
+    family: str
+    ok: bool
+    reason: str
+    rel_err: float = float("nan")
+    original: int = 0
+    exported: int = 0
+    op_units: int = 0
+    filters: int = 0
+    seconds: float = 0.0
+
+
+FAMILIES_CACHE = Path(__file__).with_name("zoo_timm_families.json")
+
+
+def smallest_per_family(refresh: bool = False) -> dict[str, str]:
+    """The smallest model (by parameters, counted on the meta device) of each timm family.
+
+    Ranking builds all ~1,400 timm models on the meta device (about 30 minutes on 2 cores),
+    so the result is cached in ``zoo_timm_families.json`` for the installed timm version."""
+    import json
+
+    import timm
+    if FAMILIES_CACHE.is_file() and not refresh:
+        cached = json.loads(FAMILIES_CACHE.read_text())
+        if cached.get("timm") == timm.__version__:
+            return cached["families"]
+    families = _rank_families()
+    FAMILIES_CACHE.write_text(json.dumps({"timm": timm.__version__, "families": families}, indent=1) + "\n")
+    return families
+
+
+def _rank_families() -> dict[str, str]:
+    import timm
+    best: dict[str, tuple[int, str]] = {}
+    for family in timm.list_modules():
+        for name in timm.list_models(module=family):
+            try:
+                with torch.device("meta"):
+                    n = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+            except Exception:  # noqa: BLE001 - a model that cannot build on meta is skipped for ranking
+                continue
+            if family not in best or n < best[family][0]:
+                best[family] = (n, name)
+    missing = [f for f in timm.list_modules() if f not in best]
+    for family in missing:  # nothing built on meta: take the first name, it will report its error
+        names = timm.list_models(module=family)
+        if names:
+            best[family] = (0, names[0])
+    return {family: name for family, (_, name) in sorted(best.items())}
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    def handler(signum, frame):
+        raise _Timeout(f"took more than {seconds} s")
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_one(spec: str, family: str, timeout: int) -> Row:
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    try:
+        with _time_limit(timeout):
+            model = build_zoo_model(spec, num_classes=10)
+            x = default_input(spec, model)
+            res = check_export(model, x)
+    except Exception as err:  # noqa: BLE001 - building or a timeout: report and go on
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        return Row(spec, family, False, f"{type(err).__name__}: {first}", seconds=time.perf_counter() - t0)
+    finally:
+        gc.collect()
+    return Row(spec, family, res.ok, res.reason, res.rel_err, res.original,
+               res.exported.total if res.exported else 0, res.units.get("op", 0), res.units.get("filter", 0),
+               time.perf_counter() - t0)
+
+
+def to_markdown(rows: list[Row], summary: list[str], command: str) -> str:
+    lines = ["# Coverage across the model zoos", "",
+             "Produced by `" + command + "` (random weights, random masks at all three granularities,",
+             "seed 0; norms get random statistics). A model passes when the compact output equals the",
+             "gated output in eval mode to 1e-4 relative, `count_params` equals the export, and the",
+             "export is smaller than the original.", ""]
+    lines += [f"- {s}" for s in summary] + [""]
+    lines += ["| model | family | pass | rel. error | params | exported | op units | filters | reason |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r.spec}` | {r.family} | {'yes' if r.ok else 'no'} | {r.rel_err:.1e} | "
+                     f"{r.original:,} | {r.exported:,} | {r.op_units} | {r.filters:,} | "
+                     f"{r.reason.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--zoo", choices=("timm", "torchvision", "both"), default="both")
+    p.add_argument("--models", nargs="*", help="explicit specs (timm:NAME / torchvision:NAME) instead of a sweep")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per model")
+    p.add_argument("--markdown", default=None, help="also write the table to this file")
+    p.add_argument("--refresh-families", action="store_true", help="re-rank timm models (ignore the cache)")
+    args = p.parse_args(argv)
+    header("zoo coverage: prepare -> random masks -> export -> checks")
+    from rich.console import Console
+    from rich.table import Table
+    console = Console()
+
+    todo: list[tuple[str, str]] = []
+    if args.models:
+        todo = [(s, s.split(":", 1)[0]) for s in args.models]
+    else:
+        if args.zoo in ("timm", "both"):
+            todo += [(f"timm:{name}", family) for family, name in smallest_per_family(args.refresh_families).items()]
+        if args.zoo in ("torchvision", "both"):
+            todo += [(f"torchvision:{name}", "torchvision") for name in list_zoo_models("torchvision")]
+    rows = []
+    for i, (spec, family) in enumerate(todo, 1):
+        row = run_one(spec, family, args.timeout)
+        rows.append(row)
+        status = "[green]pass[/]" if row.ok else f"[red]FAIL[/] {row.reason}"
+        console.print(f"[{i}/{len(todo)}] {spec} ({row.seconds:.1f} s): {status}", highlight=False)
+
+    table = Table(title="per model")
+    for col in ("model", "pass", "rel. err", "params", "exported", "op units", "filters", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.spec, "yes" if r.ok else "no", f"{r.rel_err:.1e}", f"{r.original:,}", f"{r.exported:,}",
+                      str(r.op_units), f"{r.filters:,}", r.reason)
+    console.print(table)
+    summary = []
+    for zoo in ("timm", "torchvision"):
+        zr = [r for r in rows if r.spec.startswith(zoo + ":")]
+        if not zr:
+            continue
+        passed = sum(r.ok for r in zr)
+        what = "families (smallest model of each)" if zoo == "timm" else "classification models"
+        goal = GOALS[zoo]
+        summary.append(f"{zoo}: {passed}/{len(zr)} {what} pass = {passed / len(zr):.1%} "
+                       f"(goal {goal:.0%}: {'met' if passed / len(zr) >= goal else 'not met'})")
+    for s in summary:
+        print(s)
+    if args.markdown:
+        command = "python benchmarks/zoo.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
+        Path(args.markdown).write_text(to_markdown(rows, summary, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

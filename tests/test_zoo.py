@@ -1,0 +1,43 @@
+"""A fast subset of the coverage sweep (``benchmarks/zoo.py``), run in CI.
+
+Twelve small models that between them cover the graph shapes the passes must handle:
+residual blocks, depthwise and grouped convs, concatenation (DenseNet, Inception-style
+fire modules, GhostNet), split + channel shuffle (ShuffleNet), squeeze-excite, a
+channels-last LayerNorm MLP (ConvNeXt) and attention (a tiny ViT). Each one is prepared,
+pruned at random at all three granularities, exported and checked (DESIGN.md invariants 1
+and 2, and that the export is smaller).
+"""
+
+import pytest
+import torch
+
+from granular.hub import build_zoo_model, default_input
+from granular.testing import check_export
+
+SUBSET = {
+    "timm:test_resnet": "residual",
+    "timm:test_efficientnet": "depthwise, squeeze-excite, edge blocks (no skips)",
+    "timm:test_convnext": "channels-last LayerNorm MLP, layer scale",
+    "timm:test_vit": "attention and MLP branches on tokens",
+    "timm:regnetx_002": "grouped convs",
+    "timm:ghostnet_050": "concat of cheap features, squeeze-excite",
+    "torchvision:densenet121": "dense concatenation",
+    "torchvision:squeezenet1_1": "fire modules (concat), no skips",
+    "torchvision:shufflenet_v2_x0_5": "chunk, concat and channel shuffle",
+    "torchvision:mobilenet_v3_small": "squeeze-excite, hardswish",
+    "torchvision:mnasnet0_5": "inverted residuals",
+    "torchvision:googlenet": "inception concat",
+}
+
+
+@pytest.mark.parametrize("spec", list(SUBSET))
+def test_zoo_model_exports_exactly_and_smaller(spec):
+    torch.manual_seed(0)
+    model = build_zoo_model(spec, num_classes=10)
+    x = default_input(spec, model)
+    if spec.startswith("torchvision:"):
+        x = x[..., :96, :96]  # every torchvision CNN runs at 96 px; keeps CI quick
+    res = check_export(model, x)
+    assert res.ok, f"{spec}: {res.reason}"
+    if SUBSET[spec].startswith("residual") or "inverted residual" in SUBSET[spec]:
+        assert res.units["op"] > 0, f"{spec}: no operation units found in a residual model"
