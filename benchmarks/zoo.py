@@ -49,6 +49,7 @@ class Row:
     op_units: int = 0
     filters: int = 0
     seconds: float = 0.0
+    kept_whole: str = ""
 
 
 FAMILIES_CACHE = Path(__file__).with_name("zoo_timm_families.json")
@@ -108,14 +109,14 @@ def _time_limit(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
-def run_one(spec: str, family: str, timeout: int) -> Row:
+def run_one(spec: str, family: str, timeout: int, auto_leaf: bool) -> Row:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     try:
         with _time_limit(timeout):
             model = build_zoo_model(spec, num_classes=10)
             x = default_input(spec, model)
-            res = check_export(model, x)
+            res = check_export(model, x, auto_leaf=auto_leaf)
     except Exception as err:  # noqa: BLE001 - building or a timeout: report and go on
         first = (str(err).strip().splitlines() or [""])[0][:300]
         return Row(spec, family, False, f"{type(err).__name__}: {first}", seconds=time.perf_counter() - t0)
@@ -123,7 +124,7 @@ def run_one(spec: str, family: str, timeout: int) -> Row:
         gc.collect()
     return Row(spec, family, res.ok, res.reason, res.rel_err, res.original,
                res.exported.total if res.exported else 0, res.units.get("op", 0), res.units.get("filter", 0),
-               time.perf_counter() - t0)
+               time.perf_counter() - t0, ", ".join(sorted(set(res.auto_leaves))))
 
 
 def to_markdown(rows: list[Row], summary: list[str], command: str) -> str:
@@ -133,11 +134,11 @@ def to_markdown(rows: list[Row], summary: list[str], command: str) -> str:
              "gated output in eval mode to 1e-4 relative, `count_params` equals the export, and the",
              "export is smaller than the original.", ""]
     lines += [f"- {s}" for s in summary] + [""]
-    lines += ["| model | family | pass | rel. error | params | exported | op units | filters | reason |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | family | pass | rel. error | params | exported | op units | filters | kept whole | reason |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r.spec}` | {r.family} | {'yes' if r.ok else 'no'} | {r.rel_err:.1e} | "
-                     f"{r.original:,} | {r.exported:,} | {r.op_units} | {r.filters:,} | "
+                     f"{r.original:,} | {r.exported:,} | {r.op_units} | {r.filters:,} | {r.kept_whole} | "
                      f"{r.reason.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
@@ -148,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="*", help="explicit specs (timm:NAME / torchvision:NAME) instead of a sweep")
     p.add_argument("--timeout", type=int, default=600, help="seconds per model")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
+    p.add_argument("--strict", action="store_true",
+                   help="no auto-leaf: a model whose submodule does not trace fails (default: keep it whole, "
+                        "as `granular search --auto-leaf` does, and list it)")
     p.add_argument("--refresh-families", action="store_true", help="re-rank timm models (ignore the cache)")
     args = p.parse_args(argv)
     header("zoo coverage: prepare -> random masks -> export -> checks")
@@ -165,7 +169,7 @@ def main(argv=None) -> int:
             todo += [(f"torchvision:{name}", "torchvision") for name in list_zoo_models("torchvision")]
     rows = []
     for i, (spec, family) in enumerate(todo, 1):
-        row = run_one(spec, family, args.timeout)
+        row = run_one(spec, family, args.timeout, auto_leaf=not args.strict)
         rows.append(row)
         status = "[green]pass[/]" if row.ok else f"[red]FAIL[/] {row.reason}"
         console.print(f"[{i}/{len(todo)}] {spec} ({row.seconds:.1f} s): {status}", highlight=False)
@@ -187,6 +191,9 @@ def main(argv=None) -> int:
         goal = GOALS[zoo]
         summary.append(f"{zoo}: {passed}/{len(zr)} {what} pass = {passed / len(zr):.1%} "
                        f"(goal {goal:.0%}: {'met' if passed / len(zr) >= goal else 'not met'})")
+        leafed = [r for r in zr if r.kept_whole]
+        summary.append(f"{zoo}: {sum(r.op_units > 0 for r in zr)}/{len(zr)} have operation units; "
+                       f"{len(leafed)} needed a module kept whole (auto-leaf), {sum(r.ok for r in leafed)} of them pass")
     for s in summary:
         print(s)
     if args.markdown:

@@ -135,6 +135,7 @@ class ExportCheck:
         exported: the parameter count of ``export`` (what was delivered).
         original: the dense parameter count of the model before gating.
         units: the gated units per granularity (``op``, ``filter``, ``weight``).
+        auto_leaves: module classes kept whole because they did not trace (``auto_leaf``).
     """
 
     ok: bool
@@ -144,6 +145,7 @@ class ExportCheck:
     exported: Optional[ParamCount] = None
     original: int = 0
     units: dict[str, int] = field(default_factory=dict)
+    auto_leaves: list[str] = field(default_factory=list)
 
     @property
     def smaller(self) -> bool:
@@ -169,7 +171,7 @@ def gate_units(gm: fx.GraphModule) -> dict[str, int]:
 
 @torch.no_grad()
 def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float = 1e-4,
-                 leaf_modules=(), op: float = 0.3, filter: float = 0.3, weight: float = 0.3) -> ExportCheck:
+                 leaf_modules=(), auto_leaf: bool = False, op: float = 0.3, filter: float = 0.3, weight: float = 0.3) -> ExportCheck:
     """Prepare ``model``, prune random units at all three granularities, export, and check:
     the compact output equals the gated one (eval mode, ``rtol`` relative to the output's
     largest magnitude), ``count_params`` equals the export, and the export is smaller.
@@ -179,6 +181,7 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
     """
     from granular.accounting import count_module, count_params, export
     from granular.api import prepare
+    from granular.passes.trace import AUTO_LEAVES
 
     model = copy.deepcopy(model).eval()
     randomize_norms_(model, seed=seed)
@@ -187,11 +190,13 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
         example_inputs = (example_inputs,)
     stage = "prepare"
     units: dict[str, int] = {}
+    leaves: list[str] = []
     try:
-        gm = prepare(model, example_inputs, leaf_modules=leaf_modules)
+        gm = prepare(model, example_inputs, leaf_modules=leaf_modules, auto_leaf=auto_leaf)
         units = gate_units(gm)
+        leaves = [row["type"] for row in gm.meta.get(AUTO_LEAVES, [])]
         if not any(units.values()):
-            return ExportCheck(False, "no prunable units", original=original, units=units)
+            return ExportCheck(False, "no prunable units", original=original, units=units, auto_leaves=leaves)
         stage = "random masks"
         random_masks_(gm, op=op, filter=filter, weight=weight, seed=seed)
         gm.eval()
@@ -207,11 +212,12 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
         while err.__cause__ is not None:  # the pass manager wraps the real error
             err = err.__cause__
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        return ExportCheck(False, f"{stage}: {type(err).__name__}: {first}", original=original, units=units)
+        return ExportCheck(False, f"{stage}: {type(err).__name__}: {first}", original=original, units=units,
+                           auto_leaves=leaves)
     exported = count_module(compact)
     if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got)):
         return ExportCheck(False, "compact outputs differ in number or shape", counted=counted,
-                           exported=exported, original=original, units=units)
+                           exported=exported, original=original, units=units, auto_leaves=leaves)
     scale = max(float(r.abs().max()) for r in ref) if ref else 0.0
     err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got)) if ref else 0.0
     rel = err / scale if scale > 0 else err
@@ -222,4 +228,4 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
         reasons.append(f"count_params says {counted}, export has {exported}")
     if exported.total >= original:
         reasons.append(f"export is not smaller ({exported.total:,} >= {original:,} parameters)")
-    return ExportCheck(not reasons, "; ".join(reasons), rel, counted, exported, original, units)
+    return ExportCheck(not reasons, "; ".join(reasons), rel, counted, exported, original, units, leaves)

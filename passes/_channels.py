@@ -30,7 +30,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from granular.meta import tensor_shape
-from granular.passes._graph import Kind, LayerView, evaluate_scalar, layer_view, module_of, node_kind
+from granular.passes._graph import (Kind, LayerView, evaluate_scalar, layer_view, module_of, node_kind,
+                                    shared_layer_paths)
 
 __all__ = ["ChannelAnalysis", "analyze_channels", "channel_constants", "index_entry_for_dim", "shape_args"]
 
@@ -114,6 +115,7 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
     raw: dict[fx.Node, list[int]] = {}
     axis = res.axis
     opaque: set[fx.Node] = set()  # outputs of nodes not understood (all fixed, axis unknown)
+    shared = shared_layer_paths(gm, modules)
 
     def fix(ids):
         for i in ids:
@@ -148,6 +150,8 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
             continue
         if kind == Kind.MOVE and _analyze_move(node, raw, res, uf, modules):
             continue
+        if kind in (Kind.LAYER, Kind.GCONV, Kind.DWCONV) and layer_view(gm, node, modules).path in shared:
+            kind = Kind.OTHER  # one module at several call sites: keep it whole
         if kind in (Kind.LAYER, Kind.GCONV):
             lv = layer_view(gm, node, modules)
             x = lv.x
@@ -254,7 +258,7 @@ def _token_field(a, raw, res, shape):
 
 def _field_axis(t: torch.Tensor) -> Optional[tuple[int, list[int]]]:
     """The dim along which a token field is constant over all other dims, with its ids."""
-    if t.dim() < 2:
+    if t.dim() < 2 or t.numel() == 0:
         return None
     whole = float(t.min()) == float(t.max())
     for d in range(1, t.dim()):

@@ -21,7 +21,7 @@ from granular.meta import LAYER, SumInfo, tensor_shape
 
 __all__ = [
     "Kind", "node_kind", "LayerView", "layer_view", "find_sums", "module_of", "tensor_args",
-    "is_add", "POINTWISE_MODULES", "POOL_MODULES", "evaluate_scalar",
+    "is_add", "POINTWISE_MODULES", "POOL_MODULES", "evaluate_scalar", "shared_layer_paths",
 ]
 
 
@@ -352,3 +352,14 @@ def evaluate_scalar(value):
             raise ValueError(f"{n.name}: indexes a tensor")
         return _SCALAR_OPS[n.target](*(evaluate_scalar(a) for a in n.args))
     raise ValueError(f"{n.name}: not a size computation")
+
+
+def shared_layer_paths(gm: fx.GraphModule, modules: Optional[dict] = None) -> set[str]:
+    """Paths of conv/linear modules called at more than one node (weights shared between
+    call sites): their channels are fixed and nothing is folded into them."""
+    seen: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        lv = layer_view(gm, n, modules)
+        if lv is not None:
+            seen[lv.path] = seen.get(lv.path, 0) + 1
+    return {p for p, k in seen.items() if k > 1}

@@ -140,6 +140,13 @@ def _zero_and_alive(gm: fx.GraphModule, kinds, modules) -> tuple[set[fx.Node], s
     return zero, alive
 
 
+def _reads_as_data(gm, user: fx.Node, attr: fx.Node, modules) -> bool:
+    """Whether ``user`` reads the tensor ``attr`` other than as its own weight or bias (which
+    the planned layer carries): a layer fed a buffer as input, an add of a parameter, ..."""
+    lv = layer_view(gm, user, modules)
+    return lv is None or lv.x is attr
+
+
 def _foldable(lv: LayerView) -> bool:
     if isinstance(lv.module, nn.Linear):
         return True
@@ -214,7 +221,7 @@ def _plan(gm: fx.GraphModule) -> ExportPlan:
         elif k == Kind.GATE_FILTER and n not in plan.folded_into:
             raise GranularError(f"export: filter gate {n.name} follows neither a layer nor a norm")
         elif n.op == "get_attr" and not str(n.target).startswith(GATE_ROOT):
-            if any(u in alive and kinds.get(u) != Kind.GATE_WEIGHT and layer_view(gm, u, modules) is None
+            if any(u in alive and kinds.get(u) != Kind.GATE_WEIGHT and _reads_as_data(gm, u, n, modules)
                    for u in n.users):
                 plan.attrs[str(n.target)] = _fetch_attr(gm, n.target)
         elif n.op == "call_module" and k not in (Kind.GATE_WEIGHT,) and n not in plan.folded_into:

@@ -30,7 +30,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from granular.config import GateConfig
 from granular.meta import LAYER, MEMBER, OP_UNIT, SUM, LayerInfo, OpUnit
 from granular.passes._channels import analyze_channels
-from granular.passes._graph import Kind, find_sums, layer_view, node_kind
+from granular.passes._graph import Kind, find_sums, layer_view, node_kind, shared_layer_paths
 
 __all__ = ["FindUnits", "find_units", "sanitize"]
 
@@ -145,9 +145,10 @@ class FindUnits(PassBase):
             after_layer[n] = any(after_layer.get(a, False) or layer_view(gm, a) is not None
                                  for a in n.all_input_nodes)
         n_layers = 0
+        shared = shared_layer_paths(gm)
         for n in graph.nodes:
             lv = layer_view(gm, n)
-            if lv is None:
+            if lv is None or lv.path in shared:  # weights used at several call sites stay whole
                 continue
             n_layers += 1
             out_classes = set(analysis.slots.get(n, []))

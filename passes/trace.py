@@ -12,6 +12,7 @@ A failure names the module being traced and the construct that broke, with the f
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable, Iterable, Sequence
 
@@ -101,6 +102,18 @@ def _describe_failure(err: Exception, tracer: GranularTracer, model: nn.Module) 
 AUTO_LEAVES = "granular.auto_leaves"
 
 
+def _defaults_beyond(model: nn.Module, given: int) -> dict[str, Any] | None:
+    """Forward arguments the example inputs do not supply, at their defaults (``mask=None``,
+    ``return_features=False``): traced as constants, so ``if mask is not None`` is no proxy."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    out = {p.name: p.default for p in params[given:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return out or None
+
+
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
           leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Callable] = (),
           auto_leaf: bool = False) -> fx.GraphModule:
@@ -130,7 +143,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     while True:
         tracer = GranularTracer(leaves, autowrap_functions)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_defaults_beyond(model, len(example_inputs)))
             break
         except Exception as err:  # noqa: BLE001 - every tracing failure becomes one line
             failure = _describe_failure(err, tracer, model)

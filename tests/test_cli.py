@@ -1,5 +1,6 @@
 """The command line: bad input gives one line, a non-zero exit and no traceback."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -114,3 +115,71 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+
+
+def test_inspect_a_timm_model(capsys):
+    assert main(["inspect", "timm:test_resnet"]) == 0
+    out = capsys.readouterr().out
+    assert "units per granularity" in out and "operation (α)" in out and "reachable floor" in out
+    assert "operation units" in out and "layer1_0" in out
+
+
+def test_inspect_reports_untraceable_module_and_goes_on(tmp_path, capsys):
+    f = tmp_path / "partly.py"
+    f.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Gate(nn.Module):
+            def forward(self, x):
+                return x if x.mean() > 0 else -x
+
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Conv2d(1, 8, 3, padding=1)
+                self.b = nn.Conv2d(8, 8, 3, padding=1)
+                self.gate = Gate()
+                self.head = nn.Linear(8, 10)
+            def forward(self, x):
+                return self.head(self.gate(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+    """))
+    assert main(["inspect", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "not traceable" in out and "gate" in out and "--leaf Gate" in out
+    code, err = _run(capsys, "inspect", str(f), "--strict")
+    _assert_one_line_error(code, err, "'gate' (Gate)", "--leaf Gate")
+
+
+def test_unknown_zoo_model_suggests_close_names(capsys):
+    code, err = _run(capsys, "inspect", "timm:resnet1")
+    _assert_one_line_error(code, err, "timm has no model 'resnet1'", "did you mean")
+
+
+def test_torchvision_model_on_grayscale_data_says_how_to_fix(tmp_path, capsys):
+    code, err = _run(capsys, "search", "torchvision:resnet18", "--target-params", "1M", "--out", str(tmp_path / "r"))
+    _assert_one_line_error(code, err, "3-channel images", "timm:resnet18")
+
+
+def test_model_without_prunable_units_says_so(tmp_path, capsys):
+    f = tmp_path / "single.py"
+    f.write_text("from torch import nn\n\ndef model(num_classes=10, in_channels=1):\n"
+                 "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, num_classes))\n")
+    code, err = _run(capsys, "inspect", str(f))
+    _assert_one_line_error(code, err, "no prunable units")
+
+
+def test_search_a_timm_model(tmp_path, capsys):
+    out = tmp_path / "r"
+    code = main(["search", "timm:test_resnet", "--dataset", "fake", "--target-params", "150K", "--epochs", "2",
+                 "--warmup-epochs", "1", "--prune-every", "1", "--batch-size", "32", "--out", str(out),
+                 "--no-progress"])
+    assert code in (0, 3), capsys.readouterr().err  # 3: two epochs may not reach the target
+    assert json.loads((out / "config.json").read_text())["spec"] == "timm:test_resnet"
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_leaf_that_names_no_module_class(tmp_path, capsys):
+    code, err = _run(capsys, "search", VGG, "--target-params", "1K", "--leaf", "NoSuchBlock",
+                     "--out", str(tmp_path / "r"))
+    _assert_one_line_error(code, err, "--leaf NoSuchBlock", "no module of class")

@@ -297,3 +297,27 @@ def test_channel_shuffle_is_exact_and_keeps_its_channels():
     gm, compact = _compact(Shuffle(), x, lambda gm: _prune(gm, "b_0", [1]))
     _count(gm, compact)
     assert compact.get_submodule("a.0").out_channels == 8 and compact.c.in_channels == 5
+
+
+class SharedConv(nn.Module):
+    """One conv called twice (weights shared between call sites, as CoaT's position encodings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(3, 8)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.mid = _conv_bn(8, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.shared(x)
+        x = self.mid(x)
+        return self.head(x + self.shared(x))
+
+
+def test_module_called_twice_is_kept_whole():
+    res = check_export(SharedConv(), torch.randn(2, 3, 8, 8), op=0.0, seed=1)
+    assert res.ok, res.reason
+    gm = granular.prepare(SharedConv(), torch.randn(2, 3, 8, 8))
+    assert "shared" not in gm.granular_gates.weight
