@@ -4,7 +4,8 @@ For the smallest model of every timm family (``timm.list_modules()``) and every 
 classification model, this runs :func:`granular.testing.check_export`: random masks at all
 three granularities, then (1) the compact output equals the gated output in eval mode to
 1e-4 relative, (2) ``count_params`` equals the export, (3) the export is smaller than the
-original. It prints the pass fraction per zoo, a per-model table and each failure's reason.
+original, and (4) the export saved with ``granular.save`` loads back from its own source,
+without the original class, and computes the same. It prints the pass fraction per zoo, a per-model table and each failure's reason.
 
     python benchmarks/zoo.py                       # both zoos (about an hour on 2 CPU cores)
     python benchmarks/zoo.py --zoo torchvision     # one zoo
@@ -116,7 +117,7 @@ def run_one(spec: str, family: str, timeout: int, auto_leaf: bool) -> Row:
         with _time_limit(timeout):
             model = build_zoo_model(spec, num_classes=10)
             x = default_input(spec, model)
-            res = check_export(model, x, auto_leaf=auto_leaf)
+            res = check_export(model, x, auto_leaf=auto_leaf, reload=True)
     except Exception as err:  # noqa: BLE001 - building or a timeout: report and go on
         first = (str(err).strip().splitlines() or [""])[0][:300]
         return Row(spec, family, False, f"{type(err).__name__}: {first}", seconds=time.perf_counter() - t0)
@@ -131,8 +132,9 @@ def to_markdown(rows: list[Row], summary: list[str], command: str) -> str:
     lines = ["# Coverage across the model zoos", "",
              "Produced by `" + command + "` (random weights, random masks at all three granularities,",
              "seed 0; norms get random statistics). A model passes when the compact output equals the",
-             "gated output in eval mode to 1e-4 relative, `count_params` equals the export, and the",
-             "export is smaller than the original.", ""]
+             "gated output in eval mode to 1e-4 relative, `count_params` equals the export, the",
+             "export is smaller than the original, and the saved export reloads (without the original",
+             "class) and computes the same.", ""]
     lines += [f"- {s}" for s in summary] + [""]
     lines += ["| model | family | pass | rel. error | params | exported | op units | filters | kept whole | reason |",
               "|---|---|---|---|---|---|---|---|---|---|"]

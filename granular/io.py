@@ -268,16 +268,25 @@ def _import_lines_for_global(name: str, obj: Any) -> list[str]:
     )
 
 
+_ZOO_PACKAGES = ("timm", "torchvision")
+
+
 def _check_importable_package(name: str, obj: Any, module_name: str) -> None:
     top = module_name.split(".")[0]
     if top == "torch" or top in _STDLIB:
+        return
+    if top in _ZOO_PACKAGES and callable(obj) and not isinstance(obj, type):
+        # a library function kept whole while tracing (timm's / torchvision's FX-wrapped
+        # helpers, e.g. position-embedding resampling): the saved model then needs that
+        # package installed, but never the original model class nor granular
         return
     if top == "__main__":
         why = "it is defined in __main__"
     elif top == "granular":
         why = "model.py must load without granular installed"
     else:
-        why = f"model.py may import only torch and the standard library, not {top!r}"
+        why = (f"model.py may import only torch, the standard library and timm/torchvision functions, "
+               f"not {top!r}")
     raise GranularError(f"cannot save: the graph uses global {name!r} = {obj!r} from "
                         f"module {module_name!r}; {why}")
 

@@ -171,10 +171,13 @@ def gate_units(gm: fx.GraphModule) -> dict[str, int]:
 
 @torch.no_grad()
 def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float = 1e-4,
-                 leaf_modules=(), auto_leaf: bool = False, op: float = 0.3, filter: float = 0.3, weight: float = 0.3) -> ExportCheck:
+                 leaf_modules=(), auto_leaf: bool = False, reload: bool = False, op: float = 0.3,
+                 filter: float = 0.3, weight: float = 0.3) -> ExportCheck:
     """Prepare ``model``, prune random units at all three granularities, export, and check:
     the compact output equals the gated one (eval mode, ``rtol`` relative to the output's
-    largest magnitude), ``count_params`` equals the export, and the export is smaller.
+    largest magnitude), ``count_params`` equals the export, and the export is smaller. With
+    ``reload``, the export is also saved with :func:`granular.save` and loaded back (from its
+    own ``model.py``, without the original class) and must compute the same.
 
     The model is deep-copied and its norms get random statistics (so folding is exercised);
     the caller's model is not changed. Errors are caught and reported in ``reason``.
@@ -228,4 +231,25 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
         reasons.append(f"count_params says {counted}, export has {exported}")
     if exported.total >= original:
         reasons.append(f"export is not smaller ({exported.total:,} >= {original:,} parameters)")
+    if reload:
+        reasons.extend(_reload_problems(compact, example_inputs, got))
     return ExportCheck(not reasons, "; ".join(reasons), rel, counted, exported, original, units, leaves)
+
+
+def _reload_problems(compact, example_inputs, expected: list[torch.Tensor]) -> list[str]:
+    """Save ``compact``, load it back from its own source, and compare its outputs."""
+    import tempfile
+
+    from granular.io import load, save
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            save(compact, d)
+            again = _flat_outputs(load(d)(*example_inputs))
+        except Exception as err:  # noqa: BLE001
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            return [f"reload: {type(err).__name__}: {first}"]
+    scale = max((float(e.abs().max()) for e in expected), default=0.0)
+    if len(again) != len(expected) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+                                          for a, b in zip(again, expected)):
+        return ["reloaded model computes something else"]
+    return []

@@ -5,7 +5,7 @@ residual blocks, depthwise and grouped convs, concatenation (DenseNet, Inception
 fire modules, GhostNet), split + channel shuffle (ShuffleNet), squeeze-excite, a
 channels-last LayerNorm MLP (ConvNeXt) and attention (a tiny ViT). Each one is prepared,
 pruned at random at all three granularities, exported and checked (DESIGN.md invariants 1
-and 2, and that the export is smaller).
+and 2, that the export is smaller, and that it saves and reloads without its class).
 """
 
 import pytest
@@ -37,7 +37,7 @@ def test_zoo_model_exports_exactly_and_smaller(spec):
     x = default_input(spec, model)
     if spec.startswith("torchvision:"):
         x = x[..., :96, :96]  # every torchvision CNN runs at 96 px; keeps CI quick
-    res = check_export(model, x)
+    res = check_export(model, x, reload=True)
     assert res.ok, f"{spec}: {res.reason}"
     if SUBSET[spec].startswith("residual") or "inverted residual" in SUBSET[spec]:
         assert res.units["op"] > 0, f"{spec}: no operation units found in a residual model"
