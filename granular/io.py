@@ -16,6 +16,10 @@ granular installed:
 ``granular.json``
     ``format_version``, ``torch_version``, ``parameters``, ``nonzero_parameters`` and the
     caller's ``metadata``.
+``leaves.pt`` (only when needed)
+    Modules that were kept whole while tracing and have no constructor here (timm's FX-leaf
+    attention blocks, ``nn.Upsample``): pickled, so loading needs timm/torchvision installed
+    for those classes, but never the original model class nor granular.
 
 :func:`load` imports ``model.py`` from such a directory and calls its ``load``.
 """
@@ -50,6 +54,7 @@ SAVE_FORMAT_VERSION = 1
 MODEL_FILE = "model.py"
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "granular.json"
+LEAVES_FILE = "leaves.pt"
 
 _INDENT = "    "
 # Names defined at module level in model.py; a graph global may not take them.
@@ -197,8 +202,8 @@ def _leaf_constructor(path: str, module: nn.Module) -> str:
     make_kwargs = _LEAF_CONSTRUCTORS.get(cls)
     if make_kwargs is None:
         raise GranularError(
-            f"cannot save module {path!r} of type {cls.__module__}.{cls.__qualname__}: "
-            f"only standard torch.nn leaf modules are supported"
+            f"cannot save module {path!r} of type {cls.__module__}.{cls.__qualname__}: model.py can rebuild "
+            f"torch, timm and torchvision modules only; make this module traceable instead of a leaf"
         )
     if len(module._modules) > 0:
         raise GranularError(
@@ -348,8 +353,17 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _collect_structure(gm: torch.fx.GraphModule) -> tuple[list[str], list[str]]:
-    """__init__ body lines and the qualified names of non-persistent tensor constants."""
+def _is_library_leaf(module: nn.Module) -> bool:
+    """A module kept whole while tracing whose class comes from torch, timm or torchvision
+    (timm's FX-leaf attention blocks, ``nn.Upsample``, ...), without a constructor in
+    ``_LEAF_CONSTRUCTORS``: it is saved pickled in ``leaves.pt`` instead."""
+    top = type(module).__module__.split(".")[0]
+    return top in ("torch",) + _ZOO_PACKAGES
+
+
+def _collect_structure(gm: torch.fx.GraphModule) -> tuple[list[str], list[str], dict[str, nn.Module]]:
+    """__init__ body lines, the qualified names of non-persistent tensor constants, and the
+    library leaves to pickle (by path)."""
     call_targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -368,6 +382,7 @@ def _collect_structure(gm: torch.fx.GraphModule) -> tuple[list[str], list[str]]:
 
     init: list[str] = []
     constants: list[str] = []
+    library: dict[str, nn.Module] = {}
 
     def tensors_of(path: str, module: nn.Module) -> None:
         owner = _owner_expr(path)
@@ -408,7 +423,10 @@ def _collect_structure(gm: torch.fx.GraphModule) -> tuple[list[str], list[str]]:
             if child is None:
                 continue
             child_path = _join(path, name)
-            if type(child) in _LEAF_CONSTRUCTORS or child_path in call_targets:
+            if child_path in call_targets and type(child) not in _LEAF_CONSTRUCTORS and _is_library_leaf(child):
+                init.append(f"{_owner_expr(path)}.add_module({name!r}, _library_leaf({child_path!r}))")
+                library[child_path] = child
+            elif type(child) in _LEAF_CONSTRUCTORS or child_path in call_targets:
                 ctor = _leaf_constructor(child_path, child)
                 init.append(f"{_owner_expr(path)}.add_module({name!r}, {ctor})")
                 for pname, param in child.named_parameters(recurse=False):
@@ -421,7 +439,7 @@ def _collect_structure(gm: torch.fx.GraphModule) -> tuple[list[str], list[str]]:
                 visit(child_path, child)
 
     visit("", gm)
-    return init, constants
+    return init, constants, library
 
 
 def _check_leaf_extras(path: str, module: nn.Module) -> None:
@@ -432,6 +450,12 @@ def _check_leaf_extras(path: str, module: nn.Module) -> None:
             f"{sorted(set(extra) | set(module._non_persistent_buffers_set))}"
         )
 
+
+_LEAVES_HELPER = '''_LEAVES = {}
+
+
+def _library_leaf(path):
+    return _LEAVES[path]'''
 
 _LOAD_FUNCTION = '''
 def load(directory: "str | None" = None, map_location: str = "cpu") -> CompactModel:
@@ -448,6 +472,9 @@ def load(directory: "str | None" = None, map_location: str = "cpu") -> CompactMo
         map_location = str(map_location)
     state = safetensors.torch.load_file(os.path.join(directory, _WEIGHTS_FILE), device=map_location)
     constants = {name: state.pop(name) for name in _CONSTANTS}
+    if _LEAVES_FILE is not None:
+        _LEAVES.update(torch.load(os.path.join(directory, _LEAVES_FILE), map_location=map_location,
+                                  weights_only=False))
     model = CompactModel()
     # assign=True keeps the saved dtypes (and avoids a copy); shapes are still checked.
     model.load_state_dict(state, strict=True, assign=True)
@@ -458,9 +485,9 @@ def load(directory: "str | None" = None, map_location: str = "cpu") -> CompactMo
 '''
 
 
-def _generate_source(gm: torch.fx.GraphModule) -> tuple[str, list[str]]:
+def _generate_source(gm: torch.fx.GraphModule) -> tuple[str, list[str], dict[str, nn.Module]]:
     forward, imports, wrapped = _forward_source(gm)
-    init, constants = _collect_structure(gm)
+    init, constants, library = _collect_structure(gm)
     header = [
         '"""Compact model written by granular.save.',
         "",
@@ -484,6 +511,9 @@ def _generate_source(gm: torch.fx.GraphModule) -> tuple[str, list[str]]:
     parts.append(f"_WEIGHTS_FILE = {WEIGHTS_FILE!r}")
     parts.append("# Non-persistent tensors stored in the weights file next to the state dict.")
     parts.append(f"_CONSTANTS = {_lit(tuple(constants))}")
+    parts.append("# timm/torchvision modules kept whole while tracing, pickled (they need that package).")
+    parts.append(f"_LEAVES_FILE = {(LEAVES_FILE if library else None)!r}")
+    parts.append(_LEAVES_HELPER)
     parts.append("\n")
     init_body = "\n".join(_INDENT * 2 + line for line in ["super().__init__()", *init])
     parts.append(
@@ -491,7 +521,7 @@ def _generate_source(gm: torch.fx.GraphModule) -> tuple[str, list[str]]:
         f"{_INDENT}def __init__(self):\n{init_body}\n\n{forward}\n"
     )
     parts.append(_LOAD_FUNCTION)
-    return "\n".join(parts), constants
+    return "\n".join(parts), constants, library
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,10 +594,11 @@ def _load_source_module(source_file: pathlib.Path, name: str) -> types.ModuleTyp
     return module
 
 
-def _verify_structure(source: str, tensors: dict[str, torch.Tensor]) -> None:
+def _verify_structure(source: str, tensors: dict[str, torch.Tensor], library: dict[str, nn.Module]) -> None:
     """Instantiate the generated CompactModel and check it matches the tensors to be written."""
     namespace: dict[str, Any] = {"__name__": "_granular_save_check", "__file__": "<model.py>"}
     exec(compile(source, "<granular model.py>", "exec"), namespace)  # noqa: S102
+    namespace["_LEAVES"].update(library)
     built = namespace["CompactModel"]()
     expected = dict(built.state_dict())
     constants = namespace["_CONSTANTS"]
@@ -613,9 +644,9 @@ def save(model: torch.fx.GraphModule, path: str | os.PathLike,
     except (TypeError, ValueError) as exc:
         raise GranularError(f"metadata is not JSON-serialisable: {exc}") from None
 
-    source, constants = _generate_source(model)
+    source, constants, library = _generate_source(model)
     tensors = _storable_tensors(model, constants)
-    _verify_structure(source, tensors)
+    _verify_structure(source, tensors, library)
 
     unique_params = {id(p): p for p in model.parameters()}.values()
     info = {
@@ -636,6 +667,8 @@ def save(model: torch.fx.GraphModule, path: str | os.PathLike,
 
     _atomic_write(directory / WEIGHTS_FILE,
                   lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
+    if library:
+        _atomic_write(directory / LEAVES_FILE, lambda tmp: torch.save(library, tmp))
     _write_text(directory / MODEL_FILE, source)
     _write_text(directory / INFO_FILE, json.dumps(info, indent=2) + "\n")
     return directory

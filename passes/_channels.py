@@ -1,14 +1,25 @@
 """Channel analysis on FX graphs: coupled channel classes and constant channels.
 
-Every tensor with a channel axis (dim 1) gets a list of *class ids*, one per position.
-Positions that must be removed together share a class: the inputs of an add, a depthwise
-conv's input and output, a norm's input and output. A concat's positions are its inputs'
-positions, in order, and a flatten repeats each channel's class over its spatial extent
-(so ``flatten -> linear`` maps channel c to a block of columns). This is DepGraph's idea
-(Torch-Pruning) on the FX graph, at the granularity of single channels.
+Every tensor with a channel axis gets that axis (dim 1 for NCHW, the last dim after a
+linear on tokens or a permute to channels-last) and a list of *class ids*, one per
+position. Positions that must be removed together share a class: the inputs of an add or
+a product (squeeze-excite), a depthwise conv's input and output, a BatchNorm's input and
+output, slot j of every group of a grouped conv. This is DepGraph's idea (Torch-Pruning) on
+the FX graph, at the granularity of single channels.
 
-A class is *fixed* when a node that the table does not understand touches it, or when it
-reaches the graph's inputs or outputs: fixed channels are never removed.
+Data movement (reshape, view, permute, transpose, flatten, cat, split, chunk, unbind,
+slicing, ...) is not a table of special cases: the op is replayed on a *field of channel
+ids* laid along its input's axis, and the output field shows where each channel went. A
+concat's positions are its inputs' positions at their offsets; a split's pieces are slices
+of its input's; ``flatten -> linear`` repeats a channel over a block of columns. When no
+single output dim carries the ids (a reshape that splits channels into heads or groups, a
+channel shuffle), the channels are fixed. Export rewrites the sizes that removal changes
+(split sizes, slice bounds, reshape sizes): :func:`shape_args`, :func:`index_entry_for_dim`.
+
+A class is *fixed* when a node that the table does not understand touches it (LayerNorm
+and GroupNorm included: their statistics need every channel), when one module is called
+at several nodes, or when it reaches the graph's inputs or outputs: fixed channels are
+never removed, never guessed.
 
 The constant analysis (:func:`channel_constants`) finds, for each position, whether its
 value is the same for every input and every pixel (a gate at zero, a BN shift after it, a

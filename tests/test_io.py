@@ -311,7 +311,41 @@ def test_save_overwrites_existing_directory(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_unsupported_module_type_raises(tmp_path):
+class _UserLeaf(nn.Module):
+    """A user's own module kept whole while tracing: model.py cannot rebuild it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_user_leaf_module_type_raises(tmp_path):
+    class WithUserLeaf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([_UserLeaf()])
+
+        def forward(self, x):
+            return self.blocks[0](x)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, _UserLeaf) or super().is_leaf_module(m, name)
+
+    model = WithUserLeaf()
+    gm = torch.fx.GraphModule(model, Tracer().trace(model))
+    with pytest.raises(GranularError) as info:
+        gio.save(gm, tmp_path / "bad")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "blocks.0" in message and "_UserLeaf" in message
+    assert not (tmp_path / "bad" / "model.py").exists()
+
+
+def test_library_leaf_without_constructor_is_pickled_and_reloads(tmp_path):
     class WithEmbedding(nn.Module):
         def __init__(self):
             super().__init__()
@@ -321,12 +355,10 @@ def test_unsupported_module_type_raises(tmp_path):
             return self.blocks[0](x)
 
     gm = torch.fx.symbolic_trace(WithEmbedding())
-    with pytest.raises(GranularError) as info:
-        gio.save(gm, tmp_path / "bad")
-    message = str(info.value)
-    assert "\n" not in message
-    assert "blocks.0" in message and "Embedding" in message
-    assert not (tmp_path / "bad" / "model.py").exists()
+    gio.save(gm, tmp_path / "emb")
+    assert (tmp_path / "emb" / "leaves.pt").is_file()
+    x = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(gio.load(tmp_path / "emb")(x), gm(x), rtol=0, atol=0)
 
 
 class _MyConv(nn.Conv2d):
