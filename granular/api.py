@@ -14,7 +14,7 @@ from granular.errors import GranularError
 from granular.gates import GATE_ROOT
 from granular.passes.find_units import FindUnits
 from granular.passes.insert_gates import InsertGates
-from granular.passes.trace import trace
+from granular.passes.trace import AUTO_LEAVES, trace
 
 __all__ = ["prepare"]
 
@@ -51,7 +51,9 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         raise (err.__cause__ or err) from None
     bank = getattr(gm, GATE_ROOT)
     if not (len(bank.op) or len(bank.filter) or len(bank.weight)):
-        raise GranularError(f"{type(model).__name__} has no prunable units: no residual branch joins a sum, and "
-                            f"every conv/linear has fixed channels or is the stem/head; check the model with "
+        whole = sorted({row["type"] for row in gm.meta.get(AUTO_LEAVES, [])})
+        kept = f" (kept whole because they do not trace: {', '.join(whole)})" if whole else ""
+        raise GranularError(f"{type(model).__name__} has no prunable units{kept}: no residual branch joins a sum, "
+                            f"and every conv/linear has fixed channels or is the stem/head; check the model with "
                             f"`granular inspect`, or enable mask_stem/mask_head in GateConfig")
     return gm
