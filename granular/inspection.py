@@ -17,7 +17,7 @@ from torch import nn
 
 from granular.accounting import ParamCount, count_params
 from granular.api import prepare
-from granular.meta import LAYER, MEMBER, OP_UNIT
+from granular.meta import LAYER, MEMBER
 from granular.passes.trace import AUTO_LEAVES
 from granular.testing import gate_units
 

@@ -143,7 +143,6 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
             continue
         kind = node_kind(gm, node, modules)
         res.kinds[node] = kind
-        ins = [a for a in node.all_input_nodes if a in raw]
         shape = tensor_shape(node)
         size = _channel_dim_size(node)
         first = node.args[0] if node.args else None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import granular
-from granular.testing import check_export, random_masks_, randomize_norms_
+from granular.testing import check_export, randomize_norms_
 
 
 def _prune(gm, key, channels):
