@@ -3,7 +3,10 @@
     trace        (passes/trace.py)         model -> GraphModule with tensor_meta
     find_units   (passes/find_units.py)    analysis: sums, op units, gated layers -> node.meta
     insert_gates (passes/insert_gates.py)  transform: α/β/ω gate nodes + threshold parameters
+    split_stages (passes/split_stages.py)  transform: gated graph -> resolution stages (multi-stage)
     export       (passes/export.py)        transform: gated graph -> compact plain GraphModule
+
+``trace`` runs ``decompose_norm_act`` (passes/decompose.py) on timm's fused norm+act leaves.
 
 ``_graph.py`` classifies nodes by what they do to channels; ``_channels.py`` groups coupled
 channels and finds constant ones. Both are shared by find_units and export.
@@ -12,7 +15,8 @@ channels and finds constant ones. Both are shared by find_units and export.
 from granular.passes.export import Export, export_graph, plan_export
 from granular.passes.find_units import FindUnits, find_units
 from granular.passes.insert_gates import InsertGates, insert_gates
+from granular.passes.split_stages import SplitStages, split_stages
 from granular.passes.trace import register_leaf_function, register_leaf_module, trace
 
 __all__ = ["trace", "register_leaf_module", "register_leaf_function", "FindUnits", "find_units",
-           "InsertGates", "insert_gates", "Export", "export_graph", "plan_export"]
+           "InsertGates", "insert_gates", "SplitStages", "split_stages", "Export", "export_graph", "plan_export"]
