@@ -359,7 +359,7 @@ def _move_is_channel_safe(node: fx.Node, raw, res: ChannelAnalysis) -> bool:
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
         return ax is None or not dims or ax not in [d % len(tensor_shape(x)) for d in dims]
     if t is operator.getitem and ax is not None:
-        entry = index_entry_for_dim(node.args[1], len(tensor_shape(x)), ax)
+        _, entry = index_entry_for_dim(node.args[1], len(tensor_shape(x)), ax)
         return not (isinstance(entry, slice) and entry.step not in (None, 1))
     if node.op == "call_method" and t in _SHAPE_METHODS or t is torch.reshape:
         out = tensor_shape(node)
@@ -376,22 +376,22 @@ def shape_args(node: fx.Node) -> list:
     return rest
 
 
-def index_entry_for_dim(idx, ndim: int, dim: int):
-    """The entry of an index (ints, slices, None, Ellipsis) that addresses input ``dim``
-    (``slice(None)`` when none does)."""
+def index_entry_for_dim(idx, ndim: int, dim: int) -> tuple[Optional[int], object]:
+    """(position in the index, entry) of the index item (an int, slice, None or Ellipsis
+    index) that addresses input ``dim``; ``(None, slice(None))`` when no item does."""
     items = list(idx) if isinstance(idx, tuple) else [idx]
     consumed = [i for i in items if i is not None and i is not Ellipsis]
     d = 0
-    for i in items:
+    for pos, i in enumerate(items):
         if i is None:
             continue
         if i is Ellipsis:
             d += ndim - len(consumed)
             continue
         if d == dim:
-            return i
+            return pos, i
         d += 1
-    return slice(None)
+    return None, slice(None)
 
 
 def _part_shapes(node: fx.Node) -> list[tuple]:

@@ -448,8 +448,7 @@ def _rebuild_move(graph: fx.Graph, n: fx.Node, env, plan: ExportPlan) -> fx.Node
         return graph.call_function(torch.split, (env[x], sizes, ax))
     if t is operator.getitem:
         items = list(n.args[1]) if isinstance(n.args[1], tuple) else [n.args[1]]
-        entry = index_entry_for_dim(n.args[1], ndim, ax)
-        pos = next((i for i, e in enumerate(items) if e is entry), None)
+        pos, entry = index_entry_for_dim(n.args[1], ndim, ax)
         if pos is None:
             return copy_node()
         if isinstance(entry, slice):

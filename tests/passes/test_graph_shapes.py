@@ -321,3 +321,23 @@ def test_module_called_twice_is_kept_whole():
     assert res.ok, res.reason
     gm = granular.prepare(SharedConv(), torch.randn(2, 3, 8, 8))
     assert "shared" not in gm.granular_gates.weight
+
+
+class SelectChannel(nn.Module):
+    """Integer indexing on the channel axis, with an equal integer on another dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 6)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        z = self.fc(x.permute(0, 2, 3, 1))   # (B, H, W, 6): channels last
+        return self.head(z[:, 1, :, 1])      # row 1, channel 1
+
+
+def test_integer_index_on_the_channel_axis_is_rewritten_at_its_own_position():
+    x = torch.randn(2, 3, 8, 8)
+    gm, compact = _compact(SelectChannel(), x, lambda gm: _prune(gm, "fc", [0]))
+    _count(gm, compact)
+    assert compact.fc.out_features == 1  # only channel 1 is read: the others go, gated or not
