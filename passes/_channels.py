@@ -132,11 +132,10 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
         for i in ids:
             res.fixed.add(i)
 
-    def fresh(node, size, fixed: bool):
+    def fresh(node, size):  # new channels on dim 1, all fixed
         raw[node] = uf.new(size)
         axis[node] = 1
-        if fixed:
-            fix(raw[node])
+        fix(raw[node])
 
     for node in gm.graph.nodes:
         if alive is not None and node not in alive:
@@ -156,7 +155,7 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
             continue
         if kind == Kind.INPUT:
             if size is not None:
-                fresh(node, size, fixed=True)
+                fresh(node, size)
             continue
         if kind == Kind.MOVE and _analyze_move(node, raw, res, uf, modules):
             continue
@@ -187,11 +186,6 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
                 _keeps_axis(node, kind, first, axis[first]):
             raw[node], axis[node] = raw[first], axis[first]
             continue
-        if kind == Kind.POOL and isinstance(first, fx.Node) and first in raw and axis[first] == 1:
-            new_axis = _pooled_axis(node, first)
-            if new_axis is not None:
-                raw[node], axis[node] = raw[first], new_axis
-                continue
         if kind in (Kind.ADD, Kind.MUL):
             a, b = node.args[0], node.args[1]
             la, lb = raw.get(a), raw.get(b)
@@ -219,7 +213,7 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
             fix(raw[node])
             opaque.add(node)
         elif size is not None:
-            fresh(node, size, fixed=True)
+            fresh(node, size)
             opaque.add(node)
 
     res.raw = raw
@@ -249,21 +243,11 @@ def _keeps_axis(node: fx.Node, kind: str, src: fx.Node, ax: int) -> bool:
     return tensor_shape(node) == tensor_shape(src)
 
 
-def _pooled_axis(node: fx.Node, src: fx.Node) -> Optional[int]:
-    """Where the channel axis lands after a spatial pool or mean (None: it is reduced)."""
-    out, inp = tensor_shape(node), tensor_shape(src)
-    if out is None or len(out) < 2 or out[1] != inp[1]:
-        return None
-    return 1
-
-
-def _token_field(a, raw, res, shape):
-    """Channel ids + 1 laid along ``a``'s channel axis (0: unknown), in ``a``'s shape."""
-    ids = torch.tensor(raw[a], dtype=torch.float64) + 1
-    ax = res.axis[a]
+def _token_field(ax: int, ids: list[int], shape) -> torch.Tensor:
+    """Channel ids + 1 laid along dim ``ax`` of a tensor of ``shape`` (0 means unknown)."""
     view = [1] * len(shape)
     view[ax] = -1
-    return ids.view(view).expand(shape).contiguous()
+    return (torch.tensor(ids, dtype=torch.float64) + 1).view(view).expand(shape).contiguous()
 
 
 def _field_axis(t: torch.Tensor) -> Optional[tuple[int, list[int]]]:
@@ -288,11 +272,11 @@ def _analyze_move(node: fx.Node, raw, res: ChannelAnalysis, uf: _UnionFind, modu
         nonlocal tracked
         if a in raw:
             tracked = True
-            return _token_field(a, raw, res, tensor_shape(a))
+            return _token_field(res.axis[a], raw[a], tensor_shape(a))
         if a in res.parts:
             tracked = True
             return tuple(torch.zeros(sh, dtype=torch.float64) if p is None else
-                         _token_field_from(p, sh) for p, sh in zip(res.parts[a], _part_shapes(a)))
+                         _token_field(*p, sh) for p, sh in zip(res.parts[a], _part_shapes(a)))
         shape = tensor_shape(a)
         if shape is not None:
             return torch.zeros(shape, dtype=torch.float64)
@@ -328,7 +312,7 @@ def _analyze_move(node: fx.Node, raw, res: ChannelAnalysis, uf: _UnionFind, modu
 
     if isinstance(out, torch.Tensor):
         placed = place(out)
-        if placed is None:
+        if placed is None or not _size_known_at(node, placed[0]):
             return False
         res.axis[node], raw[node] = placed
         return True
@@ -347,8 +331,8 @@ _SHAPE_METHODS = ("view", "reshape", "expand")
 
 def _move_is_channel_safe(node: fx.Node, raw, res: ChannelAnalysis) -> bool:
     """Whether export can replay this move on fewer channels: ops that wrap or mix positions
-    along the channel axis (roll, channel shuffle, strided slices) and shapes computed at run
-    time at the channel position are left alone (their channels get fixed)."""
+    along the channel axis (roll, channel shuffle, strided slices) are left alone (their
+    channels get fixed); see also :func:`_size_known_at`."""
     x = node.args[0] if node.args else None
     ax = res.axis.get(x) if isinstance(x, fx.Node) and x in raw else None
     t = node.target
@@ -361,11 +345,16 @@ def _move_is_channel_safe(node: fx.Node, raw, res: ChannelAnalysis) -> bool:
     if t is operator.getitem and ax is not None:
         _, entry = index_entry_for_dim(node.args[1], len(tensor_shape(x)), ax)
         return not (isinstance(entry, slice) and entry.step not in (None, 1))
-    if node.op == "call_method" and t in _SHAPE_METHODS or t is torch.reshape:
-        out = tensor_shape(node)
-        sizes = shape_args(node)
-        return not any(isinstance(v, fx.Node) for v in sizes) or out is None
     return True
+
+
+def _size_known_at(node: fx.Node, ax: int) -> bool:
+    """A view/reshape/expand gives its channel dim a literal size (export rewrites it), not
+    one computed at run time from some tensor's shape (which export cannot vouch for)."""
+    if not (node.op == "call_method" and node.target in _SHAPE_METHODS or node.target is torch.reshape):
+        return True
+    sizes = shape_args(node)
+    return ax < len(sizes) and not isinstance(sizes[ax], fx.Node)
 
 
 def shape_args(node: fx.Node) -> list:
@@ -397,14 +386,6 @@ def index_entry_for_dim(idx, ndim: int, dim: int) -> tuple[Optional[int], object
 def _part_shapes(node: fx.Node) -> list[tuple]:
     meta = node.meta.get("tensor_meta")
     return [tuple(m.shape) for m in meta]
-
-
-def _token_field_from(part, shape):
-    ax, ids = part
-    t = torch.tensor(ids, dtype=torch.float64) + 1
-    view = [1] * len(shape)
-    view[ax] = -1
-    return t.view(view).expand(shape).contiguous()
 
 
 def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,

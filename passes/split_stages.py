@@ -10,8 +10,8 @@ Stage assignment (METHOD.md, Algorithm 2, step 1):
 1. A node's *resolution stage* is the number of resolutions that conv layers produce which
    are larger than its output's spatial size (so a pad stays at its level); tensors without spatial dims (a classifier) take the last
    stage, and a node never comes before any of its inputs (so upsampling cannot go back).
-2. An operation unit is atomic: every member takes the stage of the sum it feeds. The ops of
-   a reduction cell (whose first ReLU still runs at the higher resolution) thus start the
+2. An operation unit is atomic: every member takes the stage of the unit's last node. The
+   ops of a reduction cell (whose first ReLU still runs at the higher resolution) thus start the
    next stage, where the paper puts them.
 3. Parameters and other ``get_attr`` nodes go with their first user.
 

@@ -196,18 +196,22 @@ def test_squeeze_excite_couples_the_gated_channels():
 
 
 class FlattenLinear(nn.Module):
-    def __init__(self):
+    def __init__(self, how="flatten"):
         super().__init__()
+        self.how = how
         self.conv = _conv_bn(3, 4)
         self.fc = nn.Linear(4 * 2 * 2, 5)
 
     def forward(self, x):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 2), 1))
+        y = F.adaptive_avg_pool2d(self.conv(x), 2)
+        y = torch.flatten(y, 1) if self.how == "flatten" else y.view(y.size(0), -1)  # run-time batch size
+        return self.fc(y)
 
 
-def test_flatten_into_linear_removes_a_block_of_columns():
+@pytest.mark.parametrize("how", ["flatten", "view"])
+def test_flatten_into_linear_removes_a_block_of_columns(how):
     x = torch.randn(2, 3, 8, 8)
-    gm, compact = _compact(FlattenLinear(), x, lambda gm: _prune(gm, "conv_0", [1]))
+    gm, compact = _compact(FlattenLinear(how), x, lambda gm: _prune(gm, "conv_0", [1]))
     _count(gm, compact)
     assert compact.fc.in_features == 12
 
