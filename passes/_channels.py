@@ -125,7 +125,6 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
     res = ChannelAnalysis()
     raw: dict[fx.Node, list[int]] = {}
     axis = res.axis
-    opaque: set[fx.Node] = set()  # outputs of nodes not understood (all fixed, axis unknown)
     shared = shared_layer_paths(gm, modules)
 
     def fix(ids):
@@ -165,10 +164,12 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
             lv = layer_view(gm, node, modules)
             x = lv.x
             x_axis = len(tensor_shape(x) or ()) - 1 if lv.kind == "linear" else 1
-            if x in opaque and (axis[x] != x_axis or len(raw[x]) != lv.in_channels) and \
+            if x in raw and (axis[x] != x_axis or len(raw[x]) != lv.in_channels) and \
+                    all(i in res.fixed for i in raw[x]) and \
                     len(tensor_shape(x)) > x_axis and tensor_shape(x)[x_axis] == lv.in_channels:
-                # an op we do not follow: its channels are fixed anyway; view them on the axis
-                # this layer reads, so the layer itself can still be pruned on its outputs
+                # every channel of x is fixed anyway (an op we do not follow, a reshape into
+                # windows): view them on the axis this layer reads, so that the layer itself
+                # can still be pruned on its outputs
                 raw[x], axis[x] = uf.new(lv.in_channels), x_axis
                 fix(raw[x])
             if x in raw and axis[x] == x_axis and len(raw[x]) == lv.in_channels:
@@ -211,10 +212,8 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
         if same is not None:  # e.g. a norm: same shape, so the channels are where they were
             raw[node], axis[node] = uf.new(len(raw[same])), axis[same]
             fix(raw[node])
-            opaque.add(node)
         elif size is not None:
             fresh(node, size)
-            opaque.add(node)
 
     res.raw = raw
     res.fixed = {uf.find(i) for i in res.fixed}
