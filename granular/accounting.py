@@ -15,7 +15,7 @@ from torch import nn
 
 from granular.passes.export import build_export, plan_export
 
-__all__ = ["ParamCount", "count_params", "export", "count_module"]
+__all__ = ["ParamCount", "count_params", "count_params_by_stage", "export", "count_module"]
 
 
 class ParamCount(NamedTuple):
@@ -39,6 +39,34 @@ def _count(params) -> ParamCount:
 def count_params(gm: fx.GraphModule) -> ParamCount:
     """The exact parameter count of ``export(gm)``, without building it."""
     return _count(plan_export(gm).parameters())
+
+
+def count_params_by_stage(gm: fx.GraphModule) -> dict[int, ParamCount]:
+    """:func:`count_params` split by resolution stage (``granular.stage`` meta from
+    :func:`granular.passes.split_stages.assign_stages`); the parts sum to the whole.
+
+    A compact module belongs to the stage of the node that calls it, a carried-over
+    attribute to the stage of its ``get_attr`` node.
+    """
+    from granular.passes.split_stages import STAGE
+    plan = plan_export(gm)
+    stage_of: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if STAGE not in n.meta:
+            raise ValueError("count_params_by_stage needs stage meta: run assign_stages(gm) first")
+        if n.op in ("call_module", "get_attr"):
+            stage_of.setdefault(str(n.target), n.meta[STAGE])
+    for n, path in plan.module_of_node.items():
+        stage_of[path] = n.meta[STAGE]
+    groups: dict[int, list] = {}
+    seen: set[int] = set()
+    named = [(path, p) for path, m in plan.modules.items() for p in m.parameters()]
+    named += [(name, t) for name, t in plan.attrs.items() if isinstance(t, nn.Parameter)]
+    for path, p in named:
+        if id(p) not in seen:
+            seen.add(id(p))
+            groups.setdefault(stage_of[path], []).append(p)
+    return {s: _count(ps) for s, ps in sorted(groups.items())}
 
 
 def count_module(module: nn.Module) -> ParamCount:

@@ -35,6 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None, help="default 96")
     s.add_argument("--threshold-init", choices=("min", "zero"), default=None)
     s.add_argument("--mu", type=float, default=None, help="parameter-cost weight in the resource loss")
+    st = s.add_mutually_exclusive_group()
+    st.add_argument("--multi-stage", dest="multi_stage", action="store_const", const="on",
+                    help="search stage by stage, split by resolution (default for models with 3+ resolutions)")
+    st.add_argument("--single-stage", dest="multi_stage", action="store_const", const="off",
+                    help="search the whole model at once")
+    s.add_argument("--stage-fallback", action="store_true",
+                   help="with --multi-stage: search a single-resolution model in one stage instead of stopping")
+    s.add_argument("--stage-keep", type=float, default=None,
+                   help="each stage prunes to this fraction of its parameters (default 0.5)")
+    s.add_argument("--regrow", type=float, default=None,
+                   help="fraction of a stage's pruned ops regrown after it (default 0.2; 0 disables)")
     s.add_argument("--augment", action="store_true", help="Cutout + AutoAugment (CIFAR) or flips (imagefolder)")
     s.add_argument("--out", default=None, help="run directory (default runs/<spec>)")
     s.add_argument("--resume", action="store_true", help="continue the search in --out from its checkpoint")

@@ -140,6 +140,18 @@ class SearchConfig(GranularConfig):
             BatchNorm statistics for the committed architecture (0 turns it off).
         gates: which units get gates.
         seed: random seed.
+        multi_stage: ``"auto"`` (multi-stage search when the model has 3 or more
+            resolutions), ``"on"`` or ``"off"`` (Algorithm 2 of METHOD.md).
+        single_resolution: what ``multi_stage="on"`` does with a model of one resolution:
+            ``"stop"`` with an error, or ``"fallback"`` to a single-stage search.
+        stages: the most stages; smaller resolutions merge into the last.
+        stage_keep: each stage prunes until its nonzero parameters fall to this fraction of
+            their count at the stage start.
+        reprune_every: e1, the epochs between re-pruning rounds of earlier stages (the current
+            stage uses ``prune_every``, e2).
+        regrow: r, the fraction of the ops pruned in a stage that regrowth brings back after
+            each stage from the second on (0 disables regrowth).
+        aux_fraction: the size of an auxiliary head as a fraction of its stage.
     """
 
     target_params: int = 0
@@ -166,6 +178,13 @@ class SearchConfig(GranularConfig):
     bn_recalibration_batches: int = 8
     gates: GateConfig = field(default_factory=GateConfig)
     seed: int = 0
+    multi_stage: str = "auto"
+    single_resolution: str = "stop"
+    stages: int = 3
+    stage_keep: float = 0.5
+    reprune_every: int = 6
+    regrow: float = 0.2
+    aux_fraction: float = 0.1
 
     def __post_init__(self):
         if isinstance(self.gates, dict):
@@ -181,5 +200,12 @@ class SearchConfig(GranularConfig):
         self._check(0 <= self.prune_low < self.prune_high, "need 0 <= prune_low < prune_high")
         self._check(self.mu >= 0, "mu must be non-negative")
         self._check(self.bn_recalibration_batches >= 0, "bn_recalibration_batches must be non-negative")
+        self._check(self.multi_stage in ("auto", "on", "off"), "multi_stage must be 'auto', 'on' or 'off'")
+        self._check(self.single_resolution in ("stop", "fallback"), "single_resolution must be 'stop' or 'fallback'")
+        self._check(self.stages >= 2, "stages must be at least 2")
+        self._check(0 < self.stage_keep < 1, "stage_keep must be between 0 and 1 (e.g. 0.5)")
+        self._check(self.reprune_every >= 1, "reprune_every must be at least 1")
+        self._check(0 <= self.regrow <= 1, "regrow must be between 0 and 1 (0 disables regrowth)")
+        self._check(0 < self.aux_fraction < 1, "aux_fraction must be between 0 and 1")
         for name in ("lr_weights", "lr_gates", "lr_thresholds", "lr_t_omega"):
             self._check(getattr(self, name) >= 0, f"{name} must be non-negative")

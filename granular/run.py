@@ -24,7 +24,9 @@ from granular.config import SearchConfig, parse_size
 from granular.data import load_data
 from granular.errors import CheckpointError, GranularError
 from granular.io import save
-from granular.search import CHECKPOINT, Searcher, check_target
+from granular.multistage import single_resolution_message, use_multi_stage
+from granular.passes.split_stages import count_resolutions
+from granular.search import CHECKPOINT, check_target, make_searcher
 from granular.spec import build_model, resolve_leaves, spec_name
 
 __all__ = ["run_search", "run_export", "RUN_CONFIG", "write_json_atomic"]
@@ -43,8 +45,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     mapping = {"epochs": "epochs", "warmup_epochs": "warmup_epochs", "prune_every": "prune_every",
-               "batch_size": "batch_size", "threshold_init": "threshold_init", "mu": "mu", "seed": "seed"}
-    return {field: getattr(args, arg) for arg, field in mapping.items() if getattr(args, arg) is not None}
+               "batch_size": "batch_size", "threshold_init": "threshold_init", "mu": "mu", "seed": "seed",
+               "multi_stage": "multi_stage", "stage_keep": "stage_keep", "regrow": "regrow"}
+    out = {field: getattr(args, arg, None) for arg, field in mapping.items() if getattr(args, arg, None) is not None}
+    if getattr(args, "stage_fallback", False):
+        out["single_resolution"] = "fallback"
+    return out
 
 
 def _load_run_config(run_dir: Path) -> dict[str, Any]:
@@ -96,15 +102,22 @@ def run_search(args: argparse.Namespace) -> int:
     data, gm, cfg = _build(run)
     if not args.resume:
         now, floor = check_target(gm, cfg.target_params)
+        if cfg.multi_stage == "on" and count_resolutions(gm) < 2:  # stop (or warn) before writing anything
+            msg = single_resolution_message(gm)
+            if cfg.single_resolution == "stop":
+                raise GranularError(msg)
+            console.print(f"[yellow]{msg.split(':')[0]}: searching it in one stage (--stage-fallback)[/]",
+                          highlight=False)
+        mode = "multi-stage" if use_multi_stage(gm, cfg) else "single-stage"
         console.print(f"[bold]{run['spec']}[/]: {fmt_count(now.nonzero)} parameters, target "
-                      f"{fmt_count(cfg.target_params)} (reachable down to {fmt_count(floor.nonzero)}); "
+                      f"{fmt_count(cfg.target_params)} (reachable down to {fmt_count(floor.nonzero)}), {mode}; "
                       f"data {run['dataset']} ({len(data.train_set)} train / {len(data.val_set)} val); "
                       f"run directory {run_dir}", highlight=False)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / RUN_CONFIG, run)
     else:
         write_json_atomic(run_dir / RUN_CONFIG, run)
-    searcher = Searcher(gm, data, cfg, run_dir=run_dir, progress=not args.no_progress, device=args.device)
+    searcher = make_searcher(gm, data, cfg, run_dir=run_dir, progress=not args.no_progress, device=args.device)
     if args.resume:
         searcher.resume(run_dir / CHECKPOINT)
         console.print(f"resuming {run_dir} at epoch {searcher.state['epoch']}", highlight=False)
@@ -130,7 +143,7 @@ def run_export(args: argparse.Namespace) -> int:
     if not (run_dir / CHECKPOINT).is_file():
         raise CheckpointError(f"no {CHECKPOINT} in {run_dir}: nothing to export")
     data, gm, cfg = _build(run)
-    searcher = Searcher(gm, data, cfg, run_dir=None, progress=False)
+    searcher = make_searcher(gm, data, cfg, run_dir=None, progress=False)
     searcher.resume(run_dir / CHECKPOINT)
     from granular.accounting import export
     out = Path(args.out) if args.out else run_dir / "model"

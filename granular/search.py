@@ -38,9 +38,10 @@ from granular.config import SearchConfig
 from granular.errors import CheckpointError, GranularError, TargetError
 from granular.gates import GATE_ROOT
 from granular.meta import GATE, OP_UNIT, SUM
+from granular.passes.skip_pruned_ops import skip_pruned_ops
 from granular.testing import protect_last_ops_
 
-__all__ = ["search", "SearchResult", "Searcher", "param_groups", "reachable_floor", "retention"]
+__all__ = ["search", "SearchResult", "Searcher", "make_searcher", "param_groups", "reachable_floor", "retention"]
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class Searcher:
 
     def __init__(self, gm: fx.GraphModule, data, config: SearchConfig, *, run_dir: Path | None = None,
                  progress: bool = True, device: str | torch.device = "cpu", val_loader_fn=None):
-        self.gm = gm.to(device)
+        self.gm = gm
         self.device = torch.device(device)
         self.data = data
         self.cfg = config
@@ -191,23 +192,51 @@ class Searcher:
         self.progress = progress
         self.bank = _bank(gm)
         self.struct = _structure(gm)
-        groups = param_groups(gm)
         c = config
-        self.opt_w = torch.optim.SGD(groups["weights"], lr=c.lr_weights, momentum=c.momentum,
-                                     weight_decay=c.weight_decay)
-        arch = [{"params": groups["gates"], "lr": c.lr_gates},
-                {"params": groups["thresholds"], "lr": c.lr_thresholds},
-                {"params": groups["t_omega"], "lr": c.lr_t_omega}]
-        self.opt_a = torch.optim.SGD([g for g in arch if g["params"]], lr=c.lr_gates, momentum=c.momentum,
-                                     weight_decay=0.0)
-        self.weights = groups["weights"]
-        self._thresholds = groups["thresholds"] + groups["t_omega"]
+        self.opt_w = self.opt_a = None
         self.state: dict[str, Any] = {"epoch": 0, "lambda": 0.0, "delta": c.lambda_step, "rounds": 0,
                                       "params": None, "done": False, "reached": False,
                                       "thresholds_initialised": False}
         self.history: list[dict] = []
         self._op_cost: dict[str, float] = {}
         self._active_cache = None
+        self.setup()
+
+    def setup(self) -> None:
+        """Place the model on the device, build the optimisers and the training graph."""
+        self.gm.to(self.device)
+        self.build_optimizers(self.gm)
+        self.net = self.build_net()
+
+    def build_optimizers(self, module: nn.Module) -> None:
+        """SGD over ``module``'s parameters in METHOD.md's groups. Momentum buffers of
+        parameters the previous optimisers also held carry over (remapped by identity), so
+        changing what trains never drops or misassigns optimiser state."""
+        c = self.cfg
+        old = {}
+        for opt in (self.opt_w, self.opt_a):
+            if opt is not None:
+                old.update({id(p): st for p, st in opt.state.items()})
+        groups = param_groups(module)
+        self.opt_w = torch.optim.SGD(groups["weights"], lr=c.lr_weights, momentum=c.momentum,
+                                     weight_decay=c.weight_decay)
+        arch = [{"params": groups["gates"], "lr": c.lr_gates},
+                {"params": groups["thresholds"], "lr": c.lr_thresholds},
+                {"params": groups["t_omega"], "lr": c.lr_t_omega}]
+        self.opt_a = torch.optim.SGD([g for g in arch if g["params"]] or [{"params": [], "lr": c.lr_gates}],
+                                     lr=c.lr_gates, momentum=c.momentum, weight_decay=0.0)
+        for opt in (self.opt_w, self.opt_a):
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if id(p) in old:
+                        opt.state[p] = old[id(p)]
+        self.weights = groups["weights"]
+        self._thresholds = groups["thresholds"] + groups["t_omega"]
+
+    def build_net(self) -> fx.GraphModule:
+        """The graph that training runs: the gated graph without its pruned ops
+        (:func:`~granular.passes.skip_pruned_ops.skip_pruned_ops`), rebuilt whenever op masks change."""
+        return skip_pruned_ops(self.gm)
 
     # ----------------------------------------------------------------- losses
     def _active(self):
@@ -260,15 +289,15 @@ class Searcher:
 
     # ----------------------------------------------------------------- training
     def train_epoch(self, epoch: int, warmup: bool, bar=None) -> dict[str, float]:
-        gm, cfg = self.gm, self.cfg
-        gm.train()
+        cfg = self.cfg
+        self.net.train()
         loader = self.data.train_loader(epoch)
         lam = 0.0 if warmup else self.state["lambda"]
         tot = correct = 0
         sum_loss = sum_ce = 0.0
         for i, (x, y) in enumerate(loader):
             x, y = x.to(self.device), y.to(self.device)
-            out = gm(x)
+            out = self.net(x)
             ce = F.cross_entropy(out, y)
             loss = ce
             if lam > 0:
@@ -308,11 +337,11 @@ class Searcher:
         so that validation and the exported model see statistics of what they compute.
         """
         n = self.cfg.bn_recalibration_batches
-        norms = [m for m in self.gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not n or not norms:
             return
-        was = self.gm.training
-        self.gm.eval()
+        was = self.net.training
+        self.net.eval()
         saved = [m.momentum for m in norms]
         for m in norms:
             m.reset_running_stats()
@@ -325,11 +354,11 @@ class Searcher:
             for i, (x, _) in enumerate(loader):
                 if i >= n:
                     break
-                self.gm(x.to(self.device))
+                self.net(x.to(self.device))
         finally:
             for m, mom in zip(norms, saved):
                 m.momentum = mom
-            self.gm.train(was)
+            self.net.train(was)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> Optional[float]:
@@ -347,22 +376,32 @@ class Searcher:
 
     # ----------------------------------------------------------------- pruning
     @torch.no_grad()
-    def _candidates(self) -> list[tuple[float, str, str, Optional[torch.Tensor]]]:
-        """Units whose live mask is 0 but stored mask 1: (normalised margin, kind, key, index)."""
+    def _candidates(self, allowed=None) -> list[tuple[float, str, str, Optional[torch.Tensor]]]:
+        """Units whose live mask is 0 but stored mask 1: (normalised margin, kind, key, index).
+
+        ``allowed(kind, key)`` restricts the round to some units (a multi-stage search prunes
+        only the stages it trains)."""
         out = []
         b = self.bank
+        ok = allowed or (lambda kind, key: True)
         for k, m in b.op.items():
+            if not ok("op", k):
+                continue
             t = b.scopes[k].t_alpha
             g = torch.sigmoid(m.alpha)
             if float(m.mask) > 0 and float(g) < float(t):
                 out.append((float((g - t) / t.abs().clamp_min(1e-12)), "op", k, None))
         for k, m in b.filter.items():
+            if not ok("filter", k):
+                continue
             t = b.scopes[self.struct.filter_scope[k]].t_beta
             g = torch.sigmoid(m.beta)
             idx = torch.nonzero((m.mask > 0) & (g < t)).flatten()
             for i in idx.tolist():
                 out.append((float((g[i] - t) / t.abs().clamp_min(1e-12)), "filter", k, i))
         for k, m in b.weight.items():
+            if not ok("weight", k):
+                continue
             t = b.scopes[self.struct.layer_scope[k]].t_omega
             w = self.struct.weight_of[k].abs()
             sel = (m.mask > 0) & (w < t)
@@ -414,21 +453,34 @@ class Searcher:
         self.bank.load_state_dict({**self.bank.state_dict(), **masks})
 
     @torch.no_grad()
-    def pruning_round(self) -> dict[str, Any]:
+    def pruning_round(self, *, goal: Optional[int] = None, count=None, allowed=None) -> dict[str, Any]:
+        """One round of Algorithm 1: commit the units below threshold, protect, count, land, adapt λ.
+
+        Args:
+            goal: the nonzero count this round works towards (default: the target).
+            count: what is measured against ``goal`` (default: :func:`count_params` of the model).
+            allowed: restricts the candidates (see :meth:`_candidates`).
+
+        Returns:
+            The round's row for the metrics (``goal_met`` says whether ``count <= goal``).
+        """
         cfg = self.cfg
-        target = cfg.target_params
-        before = self.state["params"] or count_params(self.gm).nonzero
+        goal = cfg.target_params if goal is None else goal
+        whole_is_count = count is None
+        count = count or (lambda: count_params(self.gm))
+        before_units = self.unit_counts()
+        before = count().nonzero
         saved = self._masks()
-        cands = self._candidates()
+        cands = self._candidates(allowed)
         self._commit(cands)
         self._protect()
-        count = count_params(self.gm)
+        now = count()
         landed = False
-        if count.nonzero <= target and cfg.land and before > target and cands:
-            count = self._land(saved, cands)
+        if now.nonzero <= goal and cfg.land and before > goal and cands:
+            now = self._land(saved, cands, goal, count)
             landed = True
-        pruned = before - count.nonzero
-        scale = max(before - target, cfg.excess_floor * target, 1)
+        pruned = before - now.nonzero
+        scale = max(before - goal, cfg.excess_floor * goal, 1)
         frac = pruned / scale
         if frac > cfg.prune_high:
             self.state["lambda"] /= 2
@@ -440,54 +492,67 @@ class Searcher:
             adapt = "raise"
         else:
             adapt = "keep"
-        self.state["params"] = count.nonzero
-        self.state["params_total"] = count.total
+        whole = now if whole_is_count else count_params(self.gm)
+        self.state["params"] = whole.nonzero
+        self.state["params_total"] = whole.total
         self.state["rounds"] += 1
         self._active_cache = None
         if self.cfg.mu:
             self._update_op_cost()
-        if count.nonzero <= target:
+        if whole.nonzero <= cfg.target_params:
             self.state["done"] = self.state["reached"] = True
+        after_units = self.unit_counts()
+        removed = {k: before_units[k] - after_units[k] for k in before_units}
+        if removed["op"]:
+            self.net = self.build_net()
         return {"round": self.state["rounds"], "pruned_params": pruned, "units_below": len(cands),
-                "landed": landed, "lambda_update": adapt}
+                "landed": landed, "lambda_update": adapt, "goal_met": now.nonzero <= goal,
+                "pruned_units": removed}
+
+    def unit_counts(self) -> dict[str, int]:
+        """Units kept (stored mask 1) per granularity."""
+        b = self.bank
+        return {"op": int(sum(float(m.mask) for m in b.op.values())),
+                "filter": int(sum(float(m.mask.sum()) for m in b.filter.values())),
+                "weight": int(sum(float(m.mask.sum()) for m in b.weight.values()))}
 
     @torch.no_grad()
-    def _try(self, saved, units) -> ParamCount:
+    def _try(self, saved, units, count) -> ParamCount:
         self._restore(saved)
         self._commit(units)
         self._protect()
-        return count_params(self.gm)
+        return count()
 
     @torch.no_grad()
-    def _land(self, saved, cands) -> ParamCount:
-        """Commit just enough of this round's units to meet the target.
+    def _land(self, saved, cands, goal, count) -> ParamCount:
+        """Commit just enough of this round's units to meet ``goal``.
 
         Units are taken furthest-below-threshold first; a bisection finds the shortest such
-        prefix that meets the target. When its last unit overshoots by more than
-        ``land_within`` of the target (an op of thousands of parameters, say), that unit is
+        prefix that meets the goal. When its last unit overshoots by more than
+        ``land_within`` of the goal (an op of thousands of parameters, say), that unit is
         set aside and the bisection repeats over the others, a few times at most, keeping
         the closest landing found.
         """
-        cfg, target = self.cfg, self.cfg.target_params
+        cfg, target = self.cfg, goal
         order = sorted(cands, key=lambda c: c[0])
         best_units, best = None, None
         for _ in range(cfg.land_attempts):
-            if not order or self._try(saved, order).nonzero > target:
-                break  # without the units set aside the target is out of reach
+            if not order or self._try(saved, order, count).nonzero > target:
+                break  # without the units set aside the goal is out of reach
             lo, hi = 1, len(order)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if self._try(saved, order[:mid]).nonzero <= target:
+                if self._try(saved, order[:mid], count).nonzero <= target:
                     hi = mid
                 else:
                     lo = mid + 1
-            count = self._try(saved, order[:hi])
-            if best is None or count.nonzero > best.nonzero:
-                best_units, best = order[:hi], count
-            if count.nonzero >= (1 - cfg.land_within) * target:
+            now = self._try(saved, order[:hi], count)
+            if best is None or now.nonzero > best.nonzero:
+                best_units, best = order[:hi], now
+            if now.nonzero >= (1 - cfg.land_within) * target:
                 break
             order = order[:hi - 1] + order[hi:]  # set the overshooting unit aside
-        return self._try(saved, best_units if best_units is not None else order)
+        return self._try(saved, best_units if best_units is not None else order, count)
 
     def _update_op_cost(self) -> None:
         """cost(op) for the μ term: the op's live weights, normalised by the largest op's."""
@@ -504,8 +569,18 @@ class Searcher:
             return
         state = {"format": 1, "config": self.cfg.to_dict(), "state": self.state, "history": self.history,
                  "model": self.gm.state_dict(), "opt_w": self.opt_w.state_dict(), "opt_a": self.opt_a.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, **self.checkpoint_extra()}
         _atomic_torch_save(state, self.run_dir / CHECKPOINT)
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """More to save (a subclass's own state); restored by :meth:`resume_extra`."""
+        return {}
+
+    def resume_extra(self, ck: dict[str, Any]) -> None:
+        """Rebuild what training needs for the checkpoint's state, then load the optimisers."""
+        self.net = self.build_net()
+        self.opt_w.load_state_dict(ck["opt_w"])
+        self.opt_a.load_state_dict(ck["opt_a"])
 
     def resume(self, path: Path) -> None:
         try:
@@ -513,15 +588,14 @@ class Searcher:
             if not isinstance(ck, dict) or ck.get("format") != 1:
                 raise ValueError("not a granular checkpoint")
             self.gm.load_state_dict(ck["model"])
-            self.opt_w.load_state_dict(ck["opt_w"])
-            self.opt_a.load_state_dict(ck["opt_a"])
+            self.state.update(ck["state"])
+            self._active_cache = None
+            self.resume_extra(ck)
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is the user's to fix
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise CheckpointError(f"cannot resume from {path}: the checkpoint is corrupt or from another "
                                   f"run ({first}); delete it to start over") from None
-        self.state.update(ck["state"])
         self.history = list(ck["history"])
-        self._active_cache = None
         if self.run_dir is not None:  # the log may hold an epoch the checkpoint does not: rewrite it
             fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=METRICS + ".", suffix=".tmp")
             with os.fdopen(fd, "w") as f:
@@ -537,6 +611,25 @@ class Searcher:
                 f.write(json.dumps(row) + "\n")
 
     # ----------------------------------------------------------------- main loop
+    def before_epoch(self) -> None:
+        """Called before each epoch (a multi-stage search moves between phases here)."""
+
+    def in_warmup(self) -> bool:
+        """Whether this epoch trains the weights only."""
+        return self.state["epoch"] < self.cfg.warmup_epochs
+
+    def round_due(self) -> Optional[dict[str, Any]]:
+        """Keyword arguments of :meth:`pruning_round` if this epoch ends with one, else None."""
+        cfg = self.cfg
+        return {} if (self.state["epoch"] + 1 - cfg.warmup_epochs) % cfg.prune_every == 0 else None
+
+    def phase_name(self, warmup: bool) -> str:
+        return "warmup" if warmup else "search"
+
+    def after_epoch(self, round_info: dict[str, Any]) -> dict[str, Any]:
+        """Called after each epoch's round; returns more fields for the epoch's metrics row."""
+        return {}
+
     def run(self) -> SearchResult:
         cfg = self.cfg
         from granular._progress import SearchProgress
@@ -545,23 +638,27 @@ class Searcher:
         with SearchProgress(enabled=self.progress, target=cfg.target_params, epochs=cfg.epochs) as prog:
             while not self.state["done"] and self.state["epoch"] < cfg.epochs:
                 epoch = self.state["epoch"]
-                warmup = epoch < cfg.warmup_epochs
+                self.before_epoch()
+                warmup = self.in_warmup()
                 if not warmup and not self.state["thresholds_initialised"]:
                     self.init_thresholds()
                 t0 = time.time()
                 stats = self.train_epoch(epoch, warmup, prog.batch_callback(epoch, len(self.data.train_loader(epoch))))
                 round_info = {}
-                if not warmup and (epoch + 1 - cfg.warmup_epochs) % cfg.prune_every == 0:
-                    round_info = self.pruning_round()
+                due = None if warmup else self.round_due()
+                if due is not None:
+                    round_info = self.pruning_round(**due)
                 self.recalibrate_norms(epoch)
-                val = self.evaluate(self.gm)
+                val = self.evaluate(self.net)
                 self.state["epoch"] = epoch + 1
-                row = {"epoch": epoch + 1, "phase": "warmup" if warmup else "search", **stats, "val_acc": val,
+                row = {"epoch": epoch + 1, "phase": self.phase_name(warmup), **stats, "val_acc": val,
                        "lambda": self.state["lambda"], "params": self.state["params"],
                        "params_total": self.state.get("params_total"), "target": cfg.target_params,
                        **{f"threshold_{k[2:]}": v for k, v in _threshold_means(self.gm).items()},
                        **{f"keep_{k}": v for k, v in retention(self.gm).items()},
-                       **round_info, "seconds": round(time.time() - t0, 3)}
+                       **round_info}
+                row.update(self.after_epoch(round_info))
+                row["seconds"] = round(time.time() - t0, 3)
                 self._log(row)
                 prog.epoch_done(row)
                 self.checkpoint()
@@ -589,6 +686,18 @@ def check_target(gm: fx.GraphModule, target: int) -> tuple[ParamCount, ParamCoun
                           f"({fmt_count(floor.nonzero)} nonzero parameters with every prunable unit removed); "
                           f"choose a target of at least {fmt_count(floor.nonzero)}")
     return now, floor
+
+
+def make_searcher(gm: fx.GraphModule, data, config: SearchConfig, **kwargs) -> Searcher:
+    """The single-stage (:class:`Searcher`) or multi-stage
+    (:class:`~granular.multistage.MultiStageSearcher`) driver, as ``config.multi_stage`` asks.
+
+    Raises:
+        GranularError: multi-stage search was asked for a model of one resolution, without fallback.
+    """
+    from granular.multistage import MultiStageSearcher, use_multi_stage
+    cls = MultiStageSearcher if use_multi_stage(gm, config) else Searcher
+    return cls(gm, data, config, **kwargs)
 
 
 def search(gm: fx.GraphModule, train_data, target_params: float | int | None = None,
@@ -621,7 +730,7 @@ def search(gm: fx.GraphModule, train_data, target_params: float | int | None = N
         raise TargetError("no target: pass target_params (e.g. 2.2M)")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    searcher = Searcher(gm, train_data, cfg, run_dir=run_dir, progress=progress, device=device)
+    searcher = make_searcher(gm, train_data, cfg, run_dir=run_dir, progress=progress, device=device)
     ck = Path(run_dir) / CHECKPOINT if run_dir else None
     if resume:
         if ck is None or not ck.exists():

@@ -27,17 +27,21 @@ import logging
 from typing import Optional
 
 import torch.fx as fx
+from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.split_module import split_module
 
 from granular.meta import MEMBER, OP_UNIT, tensor_shape
 from granular.passes._graph import layer_view
+from granular.passes.skip_pruned_ops import share_graph
 
-__all__ = ["STAGE", "assign_stages", "SplitStages", "split_stages", "count_resolutions"]
+__all__ = ["STAGE", "AUX_HEAD", "assign_stages", "SplitStages", "split_stages", "count_resolutions",
+           "stage_boundary", "stage_graph"]
 
 log = logging.getLogger(__name__)
 
 STAGE = "granular.stage"
+AUX_HEAD = "aux_head"  # the submodule name of the head in a stage graph
 
 
 def _spatial(node: fx.Node) -> Optional[tuple[int, ...]]:
@@ -120,3 +124,44 @@ def split_stages(gm: fx.GraphModule, max_stages: Optional[int] = None) -> fx.Gra
     """Functional form of :class:`SplitStages`; returns the split GraphModule (``gm`` keeps
     its graph, with ``granular.stage`` meta added)."""
     return SplitStages(max_stages)(gm).graph_module
+
+
+def stage_boundary(gm: fx.GraphModule, stage: int) -> fx.Node:
+    """The feature map that ends ``stage``: the last node (in graph order) of the stage with a
+    4-d output that a later stage reads. Its auxiliary head attaches there."""
+    found = None
+    for n in gm.graph.nodes:
+        shape = tensor_shape(n)
+        if (n.meta.get(STAGE) == stage and n.op not in ("get_attr", "placeholder") and shape is not None
+                and len(shape) == 4 and any(u.meta.get(STAGE, stage) > stage for u in n.users)):
+            found = n
+    if found is None:
+        raise ValueError(f"stage {stage} has no 4-d output that a later stage reads: run assign_stages first, "
+                         f"and ask for a stage before the last")
+    return found
+
+
+def stage_graph(gm: fx.GraphModule, stage: int, head: nn.Module) -> fx.GraphModule:
+    """Stages ``0..stage`` of ``gm`` as one GraphModule that ends in ``head`` (submodule
+    :data:`AUX_HEAD`) on :func:`stage_boundary`.
+
+    The result shares every module and parameter with ``gm`` (training it trains ``gm``), but
+    holds none of the later stages: moving it to a device moves only what it computes, which is
+    where multi-stage search saves memory. Nodes that do not reach the boundary are dropped.
+    """
+    end = stage_boundary(gm, stage)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            break
+        if n.op == "placeholder" or n.meta.get(STAGE, stage + 1) <= stage:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+        if n is end:
+            break
+    out = graph.call_module(AUX_HEAD, (env[end],))
+    graph.output(out)
+    sub = share_graph(gm, graph, {AUX_HEAD: head}, class_name=f"Stage{stage}Graph")
+    sub.graph.eliminate_dead_code()
+    sub.recompile()
+    return sub
