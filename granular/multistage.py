@@ -310,8 +310,7 @@ class MultiStageSearcher(Searcher):
         tensors = self._op_tensors(key)
         for name, t in snap["tensors"].items():
             tensors[name].copy_(t)
-        state = self.bank.state_dict()
-        self.bank.load_state_dict({**state, **{m: v.to(state[m].device) for m, v in snap["masks"].items()}})
+        self._restore(snap["masks"])
         scope = self.bank.scopes[key]
         scope.t_alpha.fill_(min(float(scope.t_alpha), float(torch.sigmoid(op.alpha))))
 

@@ -446,11 +446,18 @@ class Searcher:
                 t = b.scopes[self.struct.filter_scope[k]].t_beta
                 t.fill_(min(float(t), float(g[best])))
 
-    def _masks(self):
-        return {k: v.clone() for k, v in self.bank.state_dict().items() if k.endswith("mask")}
+    def _mask_buffers(self) -> dict[str, torch.Tensor]:
+        """Every stored mask of the gate bank, by state-dict key (the buffers themselves)."""
+        return {k: v for k, v in self.bank.named_buffers() if k.endswith("mask")}
 
+    def _masks(self):
+        return {k: v.clone() for k, v in self._mask_buffers().items()}
+
+    @torch.no_grad()
     def _restore(self, masks):
-        self.bank.load_state_dict({**self.bank.state_dict(), **masks})
+        bufs = self._mask_buffers()
+        for k, v in masks.items():
+            bufs[k].copy_(v)
 
     @torch.no_grad()
     def pruning_round(self, *, goal: Optional[int] = None, count=None, allowed=None) -> dict[str, Any]:
