@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["interleaved_times", "header"]
+__all__ = ["interleaved_times", "header", "PeakTensorMemory"]
 
 
 def interleaved_times(fns: dict[str, Callable[[], None]], *, warmup: int = 2, repeats: int = 7) -> dict[str, float]:
@@ -29,3 +29,57 @@ def interleaved_times(fns: dict[str, Callable[[], None]], *, warmup: int = 2, re
 def header(title: str) -> None:
     print(f"# {title}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+
+
+class PeakTensorMemory:
+    """Peak bytes of live tensor storage during a block, on CPU.
+
+    CPU tensors have no caching allocator to ask (``torch.cuda.max_memory_allocated`` has no
+    CPU twin), and torch's ``MemTracker`` re-scans every tracked tensor on each op, which
+    is too slow for a super-net. This counts, with a ``TorchDispatchMode``, every storage an
+    op creates inside the block (forward, backward and optimiser kernels alike) until the
+    storage itself is freed (a weak reference on it; saved activations stay counted until
+    backward releases them), on top of ``baseline``: the storages alive at entry (parameters,
+    gradients, optimiser state, the batch), which are passed in and never counted twice.
+    """
+
+    def __init__(self, tensors):
+        self._known = {}
+        for t in tensors:
+            st = t.untyped_storage()
+            self._known[st.data_ptr()] = st.nbytes()
+        self.baseline = sum(self._known.values())
+        self.live = self.peak = self.baseline
+
+    def _free(self, ptr: int, n: int) -> None:
+        if self._known.pop(ptr, None) is not None:
+            self.live -= n
+
+    def __enter__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        st = t.untyped_storage()
+                        ptr, n = st.data_ptr(), st.nbytes()
+                        if n and ptr not in tracker._known:
+                            tracker._known[ptr] = n
+                            tracker.live += n
+                            tracker.peak = max(tracker.peak, tracker.live)
+                            weakref.finalize(st, tracker._free, ptr, n)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
