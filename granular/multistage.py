@@ -345,8 +345,7 @@ class MultiStageSearcher(Searcher):
         self.enter_phase(self.state["phase"], fresh=False)
         if self.head is not None:
             self.head.load_state_dict(ck["head"])
-        self.snapshots = ck["snapshots"]
-        self.net = self.build_net()
+        self.snapshots = ck["snapshots"]  # the head is shared by the graph enter_phase built
         self.opt_w.load_state_dict(ck["opt_w"])
         self.opt_a.load_state_dict(ck["opt_a"])
 
