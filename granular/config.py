@@ -152,6 +152,8 @@ class SearchConfig(GranularConfig):
         regrow: r, the fraction of the ops pruned in a stage that regrowth brings back after
             each stage from the second on (0 disables regrowth).
         aux_fraction: the size of an auxiliary head as a fraction of its stage.
+        kernels: the fused Triton conv (``fuse_kernels``): ``"auto"`` (on a CUDA device with
+            triton), ``"on"`` (stop if it cannot run) or ``"off"`` (eager gated graph).
     """
 
     target_params: int = 0
@@ -185,6 +187,7 @@ class SearchConfig(GranularConfig):
     reprune_every: int = 6
     regrow: float = 0.2
     aux_fraction: float = 0.1
+    kernels: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.gates, dict):
@@ -207,5 +210,6 @@ class SearchConfig(GranularConfig):
         self._check(self.reprune_every >= 1, "reprune_every must be at least 1")
         self._check(0 <= self.regrow <= 1, "regrow must be between 0 and 1 (0 disables regrowth)")
         self._check(0 < self.aux_fraction < 1, "aux_fraction must be between 0 and 1")
+        self._check(self.kernels in ("auto", "on", "off"), "kernels must be 'auto', 'on' or 'off'")
         for name in ("lr_weights", "lr_gates", "lr_thresholds", "lr_t_omega"):
             self._check(getattr(self, name) >= 0, f"{name} must be non-negative")

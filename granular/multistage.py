@@ -135,8 +135,8 @@ class MultiStageSearcher(Searcher):
     def build_net(self) -> fx.GraphModule:
         live = skip_pruned_ops(self.gm)
         if self.phase >= self.n_stages - 1:
-            return live
-        return stage_graph(live, self.phase, self.head)
+            return self.fuse(live)
+        return self.fuse(stage_graph(live, self.phase, self.head))
 
     def enter_phase(self, phase: int, fresh: bool) -> None:
         """Build phase ``phase``'s head, optimisers and training graph; ``fresh`` also resets

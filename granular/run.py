@@ -26,7 +26,7 @@ from granular.errors import CheckpointError, GranularError
 from granular.io import save
 from granular.multistage import single_resolution_message, use_multi_stage
 from granular.passes.split_stages import count_resolutions
-from granular.search import CHECKPOINT, check_target, make_searcher
+from granular.search import CHECKPOINT, check_kernels, check_target, make_searcher
 from granular.spec import build_model, resolve_leaves, spec_name
 
 __all__ = ["run_search", "run_export", "RUN_CONFIG", "write_json_atomic"]
@@ -46,7 +46,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     mapping = {"epochs": "epochs", "warmup_epochs": "warmup_epochs", "prune_every": "prune_every",
                "batch_size": "batch_size", "threshold_init": "threshold_init", "mu": "mu", "seed": "seed",
-               "multi_stage": "multi_stage", "stage_keep": "stage_keep", "regrow": "regrow"}
+               "multi_stage": "multi_stage", "stage_keep": "stage_keep", "regrow": "regrow",
+               "kernels": "kernels"}
     out = {field: getattr(args, arg, None) for arg, field in mapping.items() if getattr(args, arg, None) is not None}
     if getattr(args, "stage_fallback", False):
         out["single_resolution"] = "fallback"
@@ -102,6 +103,7 @@ def run_search(args: argparse.Namespace) -> int:
     data, gm, cfg = _build(run)
     if not args.resume:
         now, floor = check_target(gm, cfg.target_params)
+        check_kernels(cfg, args.device)
         if cfg.multi_stage == "on" and count_resolutions(gm) < 2:  # stop (or warn) before writing anything
             msg = single_resolution_message(gm)
             if cfg.single_resolution == "stop":

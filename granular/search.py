@@ -38,6 +38,7 @@ from granular.config import SearchConfig
 from granular.errors import CheckpointError, GranularError, TargetError
 from granular.gates import GATE_ROOT
 from granular.meta import GATE, OP_UNIT, SUM
+from granular.passes.fuse_kernels import fuse_kernels
 from granular.passes.skip_pruned_ops import skip_pruned_ops
 from granular.testing import protect_last_ops_
 
@@ -167,6 +168,17 @@ class SearchResult:
     history: list[dict] = field(default_factory=list)
 
 
+def check_kernels(cfg: SearchConfig, device) -> None:
+    """Stop early, in one line, when ``kernels="on"`` cannot run on ``device``."""
+    if cfg.kernels != "on":
+        return
+    from granular.kernels import has_triton, kernels_available
+    if not kernels_available(device):
+        why = "triton is not installed" if not has_triton() else f"the device is {device}, not CUDA"
+        raise GranularError(f"--kernels on: the fused Triton kernels cannot run ({why}); use a CUDA "
+                            f"--device, set TRITON_INTERPRET=1 to run them on CPU (slow), or use --kernels auto")
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
@@ -204,6 +216,7 @@ class Searcher:
 
     def setup(self) -> None:
         """Place the model on the device, build the optimisers and the training graph."""
+        check_kernels(self.cfg, self.device)
         self.gm.to(self.device)
         self.build_optimizers(self.gm)
         self.net = self.build_net()
@@ -236,7 +249,12 @@ class Searcher:
     def build_net(self) -> fx.GraphModule:
         """The graph that training runs: the gated graph without its pruned ops
         (:func:`~granular.passes.skip_pruned_ops.skip_pruned_ops`), rebuilt whenever op masks change."""
-        return skip_pruned_ops(self.gm)
+        return self.fuse(skip_pruned_ops(self.gm))
+
+    def fuse(self, net: fx.GraphModule) -> fx.GraphModule:
+        """``net`` with its gated convs on the fused Triton op when ``cfg.kernels`` asks for it
+        (:func:`~granular.passes.fuse_kernels.fuse_kernels`; a no-op off CUDA under ``auto``)."""
+        return fuse_kernels(net, enabled={"auto": None, "on": True, "off": False}[self.cfg.kernels])
 
     # ----------------------------------------------------------------- losses
     def _active(self):

@@ -4,6 +4,8 @@
     find_units   (passes/find_units.py)    analysis: sums, op units, gated layers -> node.meta
     insert_gates (passes/insert_gates.py)  transform: α/β/ω gate nodes + threshold parameters
     split_stages (passes/split_stages.py)  transform: gated graph -> resolution stages (multi-stage)
+    skip_pruned_ops (passes/skip_pruned_ops.py)  transform: the live training graph (pruned ops dropped)
+    fuse_kernels (passes/fuse_kernels.py)  transform: gated convs -> fused Triton op (CUDA only)
     export       (passes/export.py)        transform: gated graph -> compact plain GraphModule
 
 ``trace`` runs ``decompose_norm_act`` (passes/decompose.py) on timm's fused norm+act leaves.
@@ -14,9 +16,10 @@ channels and finds constant ones. Both are shared by find_units and export.
 
 from granular.passes.export import Export, export_graph, plan_export
 from granular.passes.find_units import FindUnits, find_units
+from granular.passes.fuse_kernels import FuseKernels, fuse_kernels
 from granular.passes.insert_gates import InsertGates, insert_gates
 from granular.passes.split_stages import SplitStages, split_stages
 from granular.passes.trace import register_leaf_function, register_leaf_module, trace
 
 __all__ = ["trace", "register_leaf_module", "register_leaf_function", "FindUnits", "find_units",
-           "InsertGates", "insert_gates", "SplitStages", "split_stages", "Export", "export_graph", "plan_export"]
+           "InsertGates", "insert_gates", "FuseKernels", "fuse_kernels", "SplitStages", "split_stages", "Export", "export_graph", "plan_export"]
