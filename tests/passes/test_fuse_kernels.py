@@ -143,3 +143,32 @@ def test_kernels_on_without_a_gpu_stops_in_one_line(tmp_path, capsys, monkeypatc
     assert "--kernels on" in err[0] and "CUDA" in err[0] and "--kernels auto" in err[0]
     assert not (tmp_path / "run").exists()
 
+
+
+@pytest.mark.skipif(not has_triton(), reason="needs triton")
+def test_search_on_the_fused_path_prunes_what_the_eager_search_prunes():
+    """The driver with ``kernels="on"`` (the Triton op, under the interpreter here) trains the
+    fused graph through warm-up and pruning rounds, which change masks under the fused
+    modules, and takes the same decisions as the eager search."""
+    from granular.config import SearchConfig
+    from granular.data import load_data
+    from granular.search import Searcher
+
+    from _models import user_model
+
+    data = load_data("digits", batch_size=4, limit=12, seed=0)
+    runs = {}
+    for kernels in ("off", "on"):
+        torch.manual_seed(0)
+        gm = granular.prepare(user_model("resnet_like"), data.example_input())
+        target = int(granular.count_params(gm).nonzero * 0.6)
+        s = Searcher(gm, data, SearchConfig(target_params=target, epochs=3, warmup_epochs=1, prune_every=1,
+                                            kernels=kernels, bn_recalibration_batches=1), progress=False)
+        assert bool(_fused_modules(s.net)) == (kernels == "on")
+        s.run()
+        runs[kernels] = s.history
+    eager, fused = runs["off"], runs["on"]
+    assert len(eager) == len(fused) >= 2 and any("pruned_units" in row for row in eager)
+    for a, b in zip(eager, fused):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert (b["params"], b.get("pruned_units")) == (a["params"], a.get("pruned_units"))
