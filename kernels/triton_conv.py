@@ -34,6 +34,55 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _pixels(pid, total, A, B, BLOCK_M: tl.constexpr):
+    """Rows ``pid*BLOCK_M + i`` of a flattened ``[N, A, B]`` pixel grid: ``(ok, n, a, b)``."""
+    offs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    ab = offs % (A * B)
+    return offs < total, offs // (A * B), ab // B, ab % B
+
+
+@triton.jit
+def _channel_tile(idx_ptr, pid, count, BLOCK: tl.constexpr):
+    """Tile ``pid`` of an active-channel list: ``(channel ids as int64, ok)``."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < count
+    return tl.load(idx_ptr + offs, mask=ok, other=0).to(tl.int64), ok
+
+
+@triton.jit
+def _store_output(acc, k, k_ok, m_ok, nb, p, q, scale_ptr, shift_ptr, y_ptr, syn, syk, syp, syq,
+                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Epilogue: ``acc * scale[k] + shift[k]``, stored at ``y[n, k, p, q]``."""
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        acc = acc + tl.load(shift_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    y_off = (nb.to(tl.int64) * syn + p.to(tl.int64) * syp + q.to(tl.int64) * syq)[:, None] + k[None, :] * syk
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _input_tap(m_ok, nb, p, q, r, s, H, W, sxn, sxh, sxw, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W):
+    """Where output pixel ``(n, p, q)`` reads tap ``(r, s)``: ``(in bounds, x offset without channel)``."""
+    h = p * STRIDE_H - PAD_H + r * DIL_H
+    wc = q * STRIDE_W - PAD_W + s * DIL_W
+    ok = m_ok & (h >= 0) & (h < H) & (wc >= 0) & (wc < W)
+    return ok, nb.to(tl.int64) * sxn + h.to(tl.int64) * sxh + wc.to(tl.int64) * sxw
+
+
+@triton.jit
+def _output_tap(m_ok, nb, h, wc, r, s, P, Q, sdn, sdp, sdq, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W):
+    """Which output pixel reads input ``(n, h, w)`` through tap ``(r, s)``, if any:
+    ``(exists, dy offset without channel)``."""
+    ph = h + PAD_H - r * DIL_H
+    qw = wc + PAD_W - s * DIL_W
+    p = tl.where(ph >= 0, ph, 0) // STRIDE_H
+    q = tl.where(qw >= 0, qw, 0) // STRIDE_W
+    ok = m_ok & (ph >= 0) & (ph % STRIDE_H == 0) & (p < P) & (qw >= 0) & (qw % STRIDE_W == 0) & (q < Q)
+    return ok, nb.to(tl.int64) * sdn + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
+
+
+@triton.jit
 def _masked_weight(w_ptr, m_ptr, off, ok, t):
     """Load a weight tile with its ω mask applied: ``w * mask * (|w| - t >= 0)``."""
     wv = tl.load(w_ptr + off, mask=ok, other=0.0)
@@ -49,41 +98,22 @@ def _conv_fwd(x_ptr, w_ptr, m_ptr, t_ptr, scale_ptr, shift_ptr, in_idx_ptr, out_
               STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
               R: tl.constexpr, S: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    nb = offs_m // (P * Q)
-    pq = offs_m % (P * Q)
-    p = pq // Q
-    q = pq % Q
-    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    j_ok = offs_j < n_out
-    k = tl.load(out_idx_ptr + offs_j, mask=j_ok, other=0).to(tl.int64)
+    m_ok, nb, p, q = _pixels(tl.program_id(0), M, P, Q, BLOCK_M)
+    k, j_ok = _channel_tile(out_idx_ptr, tl.program_id(1), n_out, BLOCK_N)
     t = tl.load(t_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_n = nb.to(tl.int64) * sxn
     for r in range(R):
-        h = p * STRIDE_H - PAD_H + r * DIL_H
         for s in range(S):
-            wc = q * STRIDE_W - PAD_W + s * DIL_W
-            pix_ok = m_ok & (h >= 0) & (h < H) & (wc >= 0) & (wc < W)
-            x_row = x_n + h.to(tl.int64) * sxh + wc.to(tl.int64) * sxw
-            for c0 in range(0, n_in, BLOCK_K):
-                offs_c = c0 + tl.arange(0, BLOCK_K)
-                c_ok = offs_c < n_in
-                c = tl.load(in_idx_ptr + offs_c, mask=c_ok, other=0).to(tl.int64)
+            pix_ok, x_row = _input_tap(m_ok, nb, p, q, r, s, H, W, sxn, sxh, sxw,
+                                          STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            for c0 in range(0, tl.cdiv(n_in, BLOCK_K)):
+                c, c_ok = _channel_tile(in_idx_ptr, c0, n_in, BLOCK_K)
                 a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc,
                             mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
                 w_off = k[None, :] * swk + c[:, None] * swc + r * swr + s * sws
                 wv = _masked_weight(w_ptr, m_ptr, w_off, c_ok[:, None] & j_ok[None, :], t)
                 acc += tl.dot(a, wv)
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + k, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_SHIFT:
-        acc = acc + tl.load(shift_ptr + k, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-    y_off = (nb.to(tl.int64) * syn + p.to(tl.int64) * syp + q.to(tl.int64) * syq)[:, None] + k[None, :] * syk
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & j_ok[None, :])
+    _store_output(acc, k, j_ok, m_ok, nb, p, q, scale_ptr, shift_ptr, y_ptr, syn, syk, syp, syq, HAS_SCALE, HAS_SHIFT)
 
 
 @triton.jit
@@ -93,35 +123,18 @@ def _dw_fwd(x_ptr, w_ptr, m_ptr, t_ptr, scale_ptr, shift_ptr, idx_ptr, y_ptr,
             STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
             R: tl.constexpr, S: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    nb = offs_m // (P * Q)
-    pq = offs_m % (P * Q)
-    p = pq // Q
-    q = pq % Q
-    offs_j = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    j_ok = offs_j < n_act
-    c = tl.load(idx_ptr + offs_j, mask=j_ok, other=0).to(tl.int64)
+    m_ok, nb, p, q = _pixels(tl.program_id(0), M, P, Q, BLOCK_M)
+    c, j_ok = _channel_tile(idx_ptr, tl.program_id(1), n_act, BLOCK_C)
     t = tl.load(t_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    x_n = nb.to(tl.int64) * sxn
     for r in range(R):
-        h = p * STRIDE_H - PAD_H + r * DIL_H
         for s in range(S):
-            wc = q * STRIDE_W - PAD_W + s * DIL_W
-            pix_ok = m_ok & (h >= 0) & (h < H) & (wc >= 0) & (wc < W)
-            x_row = x_n + h.to(tl.int64) * sxh + wc.to(tl.int64) * sxw
+            pix_ok, x_row = _input_tap(m_ok, nb, p, q, r, s, H, W, sxn, sxh, sxw,
+                                          STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
             a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc, mask=pix_ok[:, None] & j_ok[None, :], other=0.0)
             wv = _masked_weight(w_ptr, m_ptr, c * swk + r * swr + s * sws, j_ok, t)
             acc += a.to(tl.float32) * wv.to(tl.float32)[None, :]
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + c, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_SHIFT:
-        acc = acc + tl.load(shift_ptr + c, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-    y_off = (nb.to(tl.int64) * syn + p.to(tl.int64) * syp + q.to(tl.int64) * syq)[:, None] + c[None, :] * syk
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & j_ok[None, :])
+    _store_output(acc, c, j_ok, m_ok, nb, p, q, scale_ptr, shift_ptr, y_ptr, syn, syk, syp, syq, HAS_SCALE, HAS_SHIFT)
 
 
 @triton.jit
@@ -132,33 +145,16 @@ def _conv_dgrad(dy_ptr, w_ptr, m_ptr, t_ptr, scale_ptr, in_idx_ptr, out_idx_ptr,
                 R: tl.constexpr, S: tl.constexpr, HAS_SCALE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[n, c, h, w] = Σ_{k, r, s} dy[n, k, p, q] * scale[k] * W_eff[k, c, r, s] over active k."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < MX
-    nb = offs_m // (H * W)
-    hw = offs_m % (H * W)
-    h = hw // W
-    wc = hw % W
-    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    j_ok = offs_j < n_in
-    c = tl.load(in_idx_ptr + offs_j, mask=j_ok, other=0).to(tl.int64)
+    m_ok, nb, h, wc = _pixels(tl.program_id(0), MX, H, W, BLOCK_M)
+    c, j_ok = _channel_tile(in_idx_ptr, tl.program_id(1), n_in, BLOCK_N)
     t = tl.load(t_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dy_n = nb.to(tl.int64) * sdn
     for r in range(R):
-        ph = h + PAD_H - r * DIL_H
-        p = tl.where(ph >= 0, ph, 0) // STRIDE_H
-        p_ok = (ph >= 0) & (ph % STRIDE_H == 0) & (p < P)
         for s in range(S):
-            qw = wc + PAD_W - s * DIL_W
-            q = tl.where(qw >= 0, qw, 0) // STRIDE_W
-            pix_ok = m_ok & p_ok & (qw >= 0) & (qw % STRIDE_W == 0) & (q < Q)
-            dy_row = dy_n + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
-            for k0 in range(0, n_out, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < n_out
-                k = tl.load(out_idx_ptr + offs_k, mask=k_ok, other=0).to(tl.int64)
+            pix_ok, dy_row = _output_tap(m_ok, nb, h, wc, r, s, P, Q, sdn, sdp, sdq,
+                                           STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            for k0 in range(0, tl.cdiv(n_out, BLOCK_K)):
+                k, k_ok = _channel_tile(out_idx_ptr, k0, n_out, BLOCK_K)
                 g = tl.load(dy_ptr + dy_row[:, None] + k[None, :] * sdk, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
                 if HAS_SCALE:
                     sc = tl.load(scale_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
@@ -177,32 +173,17 @@ def _dw_dgrad(dy_ptr, w_ptr, m_ptr, t_ptr, scale_ptr, idx_ptr, dx_ptr,
               STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
               R: tl.constexpr, S: tl.constexpr, HAS_SCALE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < MX
-    nb = offs_m // (H * W)
-    hw = offs_m % (H * W)
-    h = hw // W
-    wc = hw % W
-    offs_j = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    j_ok = offs_j < n_act
-    c = tl.load(idx_ptr + offs_j, mask=j_ok, other=0).to(tl.int64)
+    m_ok, nb, h, wc = _pixels(tl.program_id(0), MX, H, W, BLOCK_M)
+    c, j_ok = _channel_tile(idx_ptr, tl.program_id(1), n_act, BLOCK_C)
     t = tl.load(t_ptr)
     sc = tl.full((BLOCK_C,), 1.0, tl.float32)
     if HAS_SCALE:
         sc = tl.load(scale_ptr + c, mask=j_ok, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    dy_n = nb.to(tl.int64) * sdn
     for r in range(R):
-        ph = h + PAD_H - r * DIL_H
-        p = tl.where(ph >= 0, ph, 0) // STRIDE_H
-        p_ok = (ph >= 0) & (ph % STRIDE_H == 0) & (p < P)
         for s in range(S):
-            qw = wc + PAD_W - s * DIL_W
-            q = tl.where(qw >= 0, qw, 0) // STRIDE_W
-            pix_ok = m_ok & p_ok & (qw >= 0) & (qw % STRIDE_W == 0) & (q < Q)
-            dy_row = dy_n + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
+            pix_ok, dy_row = _output_tap(m_ok, nb, h, wc, r, s, P, Q, sdn, sdp, sdq,
+                                           STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
             g = tl.load(dy_ptr + dy_row[:, None] + c[None, :] * sdk, mask=pix_ok[:, None] & j_ok[None, :], other=0.0)
             wv = _masked_weight(w_ptr, m_ptr, c * swk + r * swr + s * sws, j_ok, t)
             acc += g.to(tl.float32) * (wv.to(tl.float32) * sc)[None, :]
@@ -225,28 +206,17 @@ def _conv_wgrad(dy_ptr, x_ptr, in_idx_ptr, out_idx_ptr, g_ptr,
     split = pid_z // (R * S)
     r = rs // S
     s = rs % S
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < n_out
-    k = tl.load(out_idx_ptr + offs_k, mask=k_ok, other=0).to(tl.int64)
-    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ok = offs_c < n_in
-    c = tl.load(in_idx_ptr + offs_c, mask=c_ok, other=0).to(tl.int64)
+    k, k_ok = _channel_tile(out_idx_ptr, pid_k, n_out, BLOCK_K)
+    c, c_ok = _channel_tile(in_idx_ptr, pid_c, n_in, BLOCK_N)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
     for m0 in range(start, stop, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < stop
-        nb = offs_m // (P * Q)
-        pq = offs_m % (P * Q)
-        p = pq // Q
-        q = pq % Q
-        h = p * STRIDE_H - PAD_H + r * DIL_H
-        wc = q * STRIDE_W - PAD_W + s * DIL_W
-        pix_ok = m_ok & (h >= 0) & (h < H) & (wc >= 0) & (wc < W)
+        m_ok, nb, p, q = _pixels(m0 // BLOCK_M, stop, P, Q, BLOCK_M)
+        pix_ok, x_row = _input_tap(m_ok, nb, p, q, r, s, H, W, sxn, sxh, sxw,
+                                          STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
         dy_row = nb.to(tl.int64) * sdn + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
         g = tl.load(dy_ptr + dy_row[None, :] + k[:, None] * sdk, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-        x_row = nb.to(tl.int64) * sxn + h.to(tl.int64) * sxh + wc.to(tl.int64) * sxw
         a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
         acc += tl.dot(g, a)
     g_off = k[:, None] * sgk + c[None, :] * sgc + rs
@@ -266,25 +236,16 @@ def _dw_wgrad(dy_ptr, x_ptr, idx_ptr, g_ptr,
     split = pid_z // (R * S)
     r = rs // S
     s = rs % S
-    offs_j = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    j_ok = offs_j < n_act
-    c = tl.load(idx_ptr + offs_j, mask=j_ok, other=0).to(tl.int64)
+    c, j_ok = _channel_tile(idx_ptr, pid_c, n_act, BLOCK_C)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
     for m0 in range(start, stop, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < stop
-        nb = offs_m // (P * Q)
-        pq = offs_m % (P * Q)
-        p = pq // Q
-        q = pq % Q
-        h = p * STRIDE_H - PAD_H + r * DIL_H
-        wc = q * STRIDE_W - PAD_W + s * DIL_W
-        pix_ok = m_ok & (h >= 0) & (h < H) & (wc >= 0) & (wc < W)
+        m_ok, nb, p, q = _pixels(m0 // BLOCK_M, stop, P, Q, BLOCK_M)
+        pix_ok, x_row = _input_tap(m_ok, nb, p, q, r, s, H, W, sxn, sxh, sxw,
+                                          STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
         dy_row = nb.to(tl.int64) * sdn + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
         g = tl.load(dy_ptr + dy_row[:, None] + c[None, :] * sdk, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-        x_row = nb.to(tl.int64) * sxn + h.to(tl.int64) * sxh + wc.to(tl.int64) * sxw
         a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc, mask=pix_ok[:, None] & j_ok[None, :], other=0.0)
         acc += tl.sum(g.to(tl.float32) * a.to(tl.float32), axis=0)
     tl.atomic_add(g_ptr + c * sgk + rs, acc, mask=j_ok)
