@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import threading
 
 import torch
 
@@ -23,9 +22,6 @@ from granular.kernels.reference import is_depthwise, masked_conv2d_reference
 
 __all__ = ["has_triton", "interpreting", "kernels_available", "masked_conv2d", "masked_conv2d_reference",
            "is_depthwise"]
-
-_lock = threading.Lock()
-
 
 @functools.lru_cache(None)
 def has_triton() -> bool:
@@ -43,12 +39,6 @@ def kernels_available(device: torch.device | str) -> bool:
     if not has_triton():
         return False
     return interpreting() or torch.device(device).type == "cuda"
-
-
-def _ops():
-    with _lock:
-        from granular.kernels import ops  # registers granular::masked_conv2d on first import
-    return ops
 
 
 def masked_conv2d(x, w, t, wmask, scale=None, shift=None, *, in_idx, out_idx,
@@ -69,5 +59,7 @@ def masked_conv2d(x, w, t, wmask, scale=None, shift=None, *, in_idx, out_idx,
     if use_kernel:
         if not has_triton():
             raise RuntimeError("granular's fused conv needs triton; pip install 'granular[triton]'")
-        return _ops().masked_conv2d_op(*args)
+        from granular.kernels.ops import masked_conv2d_op  # registers granular::masked_conv2d on first use
+
+        return masked_conv2d_op(*args)
     return masked_conv2d_reference(*args)

@@ -34,6 +34,11 @@ def tile_config(dtype: torch.dtype, depthwise: bool) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32 if dtype == torch.float32 else 64, "num_warps": 4}
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dot precision: TF32 where cuDNN's convs use it too, so both sides round alike."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not tk.INTERPRET else "ieee"
+
+
 def _out_size(h: int, w: int, r: int, s: int, stride, padding, dilation) -> tuple[int, int]:
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
@@ -88,7 +93,8 @@ def masked_conv2d_op(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, wmask: t
         wrap_triton(tk._conv_fwd)[grid](
             x, w, wmask, t, sc, sh, in_idx, out_idx, y, m, p, q, h, wd, in_idx.numel(), n_out,
             *x.stride(), *w.stride(), *y.stride(),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **common)
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            PRECISION=_precision(x.dtype), **common)
     return y
 
 
@@ -152,14 +158,15 @@ def masked_conv2d_backward_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor
                 dy, w, wmask, t, sc, in_idx, out_idx, dx, mx, h, wd, p, q, n_in, n_out,
                 *dy.stride(), *w.stride(), *dx.stride(),
                 R=r, S=s, HAS_SCALE=scale is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **geo)
+                BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(x.dtype), num_warps=cfg["num_warps"], **geo)
         bk, bn = cfg["BLOCK_K"], cfg["BLOCK_N"]
         tiles = triton.cdiv(n_out, bk) * triton.cdiv(n_in, bn)
         splits, rows = _split_rows(m, tiles * r * s, cfg["BLOCK_M"])
         wrap_triton(tk._conv_wgrad)[(triton.cdiv(n_out, bk), triton.cdiv(n_in, bn), r * s * splits)](
             dy, x, in_idx, out_idx, g, m, p, q, h, wd, n_in, n_out, rows,
             *dy.stride(), *x.stride(), g.stride(0), g.stride(1),
-            R=r, S=s, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], **geo)
+            R=r, S=s, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x.dtype),
+            num_warps=cfg["num_warps"], **geo)
         col_idx = in_idx
     be_k, be_n = 16, 64
     grid = (triton.cdiv(n_out, be_k), triton.cdiv(col_idx.numel() * r * s, be_n))

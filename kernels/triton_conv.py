@@ -19,6 +19,7 @@ Kernels (semantics in :mod:`granular.kernels.reference`):
   estimator, the threshold gradient and the gate gradient
   ``dscale[k] = <W_eff[k], G[k]>`` (KERNELS.md §3), so no pre-gate output is ever saved.
 
+fp32 dots use TF32 exactly when cuDNN convs would (``torch.backends.cudnn.allow_tf32``).
 Addressing is stride-generic (NCHW or channels-last activations); weights, masks and ``G``
 are contiguous ``[K, C, R, S]``. Offsets are 64-bit.
 """
@@ -97,7 +98,7 @@ def _conv_fwd(x_ptr, w_ptr, m_ptr, t_ptr, scale_ptr, shift_ptr, in_idx_ptr, out_
               sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
               STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
               R: tl.constexpr, S: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     m_ok, nb, p, q = _pixels(tl.program_id(0), M, P, Q, BLOCK_M)
     k, j_ok = _channel_tile(out_idx_ptr, tl.program_id(1), n_out, BLOCK_N)
     t = tl.load(t_ptr)
@@ -112,7 +113,7 @@ def _conv_fwd(x_ptr, w_ptr, m_ptr, t_ptr, scale_ptr, shift_ptr, in_idx_ptr, out_
                             mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
                 w_off = k[None, :] * swk + c[:, None] * swc + r * swr + s * sws
                 wv = _masked_weight(w_ptr, m_ptr, w_off, c_ok[:, None] & j_ok[None, :], t)
-                acc += tl.dot(a, wv)
+                acc += tl.dot(a, wv, input_precision=PRECISION)
     _store_output(acc, k, j_ok, m_ok, nb, p, q, scale_ptr, shift_ptr, y_ptr, syn, syk, syp, syq, HAS_SCALE, HAS_SHIFT)
 
 
@@ -143,7 +144,7 @@ def _conv_dgrad(dy_ptr, w_ptr, m_ptr, t_ptr, scale_ptr, in_idx_ptr, out_idx_ptr,
                 sdn, sdk, sdp, sdq, swk, swc, swr, sws, sxn, sxc, sxh, sxw,
                 STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
                 R: tl.constexpr, S: tl.constexpr, HAS_SCALE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """dx[n, c, h, w] = Σ_{k, r, s} dy[n, k, p, q] * scale[k] * W_eff[k, c, r, s] over active k."""
     m_ok, nb, h, wc = _pixels(tl.program_id(0), MX, H, W, BLOCK_M)
     c, j_ok = _channel_tile(in_idx_ptr, tl.program_id(1), n_in, BLOCK_N)
@@ -161,7 +162,7 @@ def _conv_dgrad(dy_ptr, w_ptr, m_ptr, t_ptr, scale_ptr, in_idx_ptr, out_idx_ptr,
                     g = (g.to(tl.float32) * sc[None, :]).to(g.dtype)
                 w_off = k[:, None] * swk + c[None, :] * swc + r * swr + s * sws
                 wv = _masked_weight(w_ptr, m_ptr, w_off, k_ok[:, None] & j_ok[None, :], t)
-                acc += tl.dot(g, wv)
+                acc += tl.dot(g, wv, input_precision=PRECISION)
     dx_off = (nb.to(tl.int64) * sxn + h.to(tl.int64) * sxh + wc.to(tl.int64) * sxw)[:, None] + c[None, :] * sxc
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & j_ok[None, :])
 
@@ -197,7 +198,7 @@ def _conv_wgrad(dy_ptr, x_ptr, in_idx_ptr, out_idx_ptr, g_ptr,
                 sdn, sdk, sdp, sdq, sxn, sxc, sxh, sxw, sgk, sgc,
                 STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
                 R: tl.constexpr, S: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """G[k, c, r, s] += Σ_{(n,p,q) in this split} dy[n, k, p, q] * x[n, c, h, w] (fp32 atomics)."""
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -218,7 +219,7 @@ def _conv_wgrad(dy_ptr, x_ptr, in_idx_ptr, out_idx_ptr, g_ptr,
         dy_row = nb.to(tl.int64) * sdn + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
         g = tl.load(dy_ptr + dy_row[None, :] + k[:, None] * sdk, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-        acc += tl.dot(g, a)
+        acc += tl.dot(g, a, input_precision=PRECISION)
     g_off = k[:, None] * sgk + c[None, :] * sgc + rs
     tl.atomic_add(g_ptr + g_off, acc, mask=k_ok[:, None] & c_ok[None, :])
 

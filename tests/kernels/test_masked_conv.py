@@ -161,14 +161,21 @@ def test_op_is_registered_with_a_fake_kernel():
     assert tuple(y.shape) == (2, 5, 5, 5)
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 convs and dots in full precision on both sides, restored afterwards."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
-def test_compiled_kernel_matches_reference_on_gpu_shapes(geometry):
+def test_compiled_kernel_matches_reference_on_gpu_shapes(geometry, no_tf32):
     """On a GPU the compiled kernels (not the interpreter) against the reference at sizes that
-    span several tiles; TF32 is off so that fp32 tolerances hold."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    span several tiles; TF32 is off (the kernels follow cudnn.allow_tf32) so fp32 tolerances hold."""
     k, stride, pad, dil, dw = GEOMETRIES[geometry]
     g = torch.Generator().manual_seed(0)
     n, c, h, w = 8, 96, 20, 20
