@@ -16,7 +16,7 @@ from granular.accounting import count_params
 from granular.gates import GATE_ROOT
 from granular.meta import LAYER, OP_UNIT
 from granular.passes.export import plan_export
-from granular.search_spaces.darts import describe_op
+from granular.search_spaces import describe_op
 
 __all__ = ["architecture"]
 
@@ -63,7 +63,7 @@ def architecture(gm: fx.GraphModule) -> dict[str, Any]:
     for row in ops:
         if "cell" in row and row["kept"]:
             cells.setdefault(row["cell"], []).append(
-                {"edge": row["edge"], "op": row["op"], "width": row["width"],
+                {"edge": row.get("edge"), "op": row["op"], "width": row["width"],
                  "weight_sparsity": row.get("weight_sparsity", 0.0)})
     if cells:
         out["cells"] = [{"cell": c, "ops": cells[c]} for c in sorted(cells)]

@@ -57,6 +57,8 @@ def _load_file(path: Path):
 def _find_callable(module, path: Path, name: str | None) -> Callable:
     if name:
         fn = getattr(module, name, None)
+        if fn is None and is_search_space(name):   # a search space the file registered
+            return get_search_space(name)
         if fn is None or not callable(fn):
             raise GranularError(f"{path} has no callable '{name}': check the name after the colon")
         return fn

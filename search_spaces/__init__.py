@@ -7,7 +7,9 @@ helpers). A builder may carry named presets; a spec string is ``name`` (the defa
 if any) or ``name:preset``. Overrides given to the builder win over preset values.
 
 Registered here: ``darts`` (the DARTS search network of Liu et al. 2019, arXiv:1806.09055,
-as searched by MG-DARTS), presets ``tiny``, ``small`` (the default) and ``large``.
+as searched by MG-DARTS), presets ``tiny``, ``small`` (the default) and ``large``; and
+``mobilenet`` (``search_spaces/mobilenet.py``: the journal paper's 17-layer MobileNet-like
+space, described by block strings), presets ``imagenet`` (the default) and ``tiny``.
 
 Example::
 
@@ -31,6 +33,7 @@ __all__ = [
     "list_search_spaces",
     "get_search_space",
     "build_search_space",
+    "describe_op",
 ]
 
 
@@ -134,5 +137,16 @@ def build_search_space(spec: str, num_classes: int, in_channels: int,
     return builder(num_classes, in_channels, **overrides)
 
 
+def describe_op(module_path: str) -> dict | None:
+    """Where a module path lies in a search space: ``{"cell": ..., "op": ...}`` (plus ``edge``
+    for DARTS), or None outside any space's candidate ops. Reports group by these."""
+    for describe in (_darts.describe_op, _mobilenet.describe_op):
+        found = describe(module_path)
+        if found:
+            return found
+    return None
+
+
 # Importing the space modules registers them.
-from granular.search_spaces import darts as _darts  # noqa: E402,F401
+from granular.search_spaces import darts as _darts  # noqa: E402
+from granular.search_spaces import mobilenet as _mobilenet  # noqa: E402
