@@ -33,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from granular.errors import DataError
+from granular import distributed
+from granular.errors import DataError, GranularError
 
 __all__ = ["DataBundle", "load_data", "list_datasets", "DEFAULT_DATASET"]
 
@@ -86,7 +87,7 @@ class DataBundle:
     seed: int
     num_workers: int = 0
 
-    def train_loader(self, epoch: int) -> DataLoader:
+    def train_loader(self, epoch: int, *, rank: int | None = None, world_size: int | None = None) -> DataLoader:
         """Loader over the training set for one epoch.
 
         The order is shuffled by a fresh :class:`torch.Generator` seeded from ``(seed, epoch)``,
@@ -96,32 +97,77 @@ class DataBundle:
         in-process loading (``num_workers=0``) draws augmentation from torch's global RNG.
         Incomplete last batches are dropped so every step sees ``batch_size`` samples.
 
+        Under ``torchrun`` (or with ``world_size > 1``) each process gets a disjoint shard: a
+        :class:`~torch.utils.data.DistributedSampler` seeded with ``seed`` and set to ``epoch``
+        permutes the set the same way on every rank, and rank ``r`` takes every
+        ``world_size``-th sample from ``r``, in batches of ``batch_size / world_size``; step
+        ``i``'s shards together are samples ``i * batch_size`` to ``(i + 1) * batch_size`` of
+        that permutation, the global batch. ``batch_size`` stays the global batch.
+
         Args:
             epoch: Epoch number (any non-negative integer).
+            rank: This process's rank (default: from the process group, else 0).
+            world_size: Number of processes (default: from the process group, else 1).
 
         Returns:
             A shuffled loader with ``drop_last=True``.
+
+        Raises:
+            DataError: ``batch_size`` does not divide evenly over ``world_size`` processes.
         """
+        rank, world_size = _rank_and_world(rank, world_size)
         generator = torch.Generator()
-        generator.manual_seed(_mix_seed(self.seed, epoch))
+        if world_size == 1:
+            generator.manual_seed(_mix_seed(self.seed, epoch))
+            return DataLoader(
+                self.train_set,
+                batch_size=self.batch_size,
+                shuffle=True,
+                drop_last=True,
+                generator=generator,
+                num_workers=self.num_workers,
+            )
+        per_rank = _per_rank_batch(self.batch_size, world_size)
+        sampler = DistributedSampler(self.train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=self.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        generator.manual_seed(_mix_seed(self.seed, epoch, rank))  # worker seeds: per rank, so shards differ
         return DataLoader(
             self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
+            batch_size=per_rank,
+            sampler=sampler,
             drop_last=True,
             generator=generator,
             num_workers=self.num_workers,
         )
 
-    def val_loader(self) -> DataLoader:
+    def val_loader(self, *, rank: int | None = None, world_size: int | None = None) -> DataLoader:
         """Loader over the validation set, in dataset order, keeping the last partial batch.
+
+        Under ``torchrun`` (or with ``world_size > 1``) rank ``r`` gets samples ``r``,
+        ``r + world_size``, ... (no padding, no sample twice), in batches of
+        ``batch_size / world_size``; add the ranks' correct and total counts to get the
+        accuracy of the whole set.
+
+        Args:
+            rank: This process's rank (default: from the process group, else 0).
+            world_size: Number of processes (default: from the process group, else 1).
 
         Returns:
             An unshuffled loader.
         """
+        rank, world_size = _rank_and_world(rank, world_size)
+        if world_size == 1:
+            return DataLoader(
+                self.val_set,
+                batch_size=self.batch_size,
+                shuffle=False,
+                drop_last=False,
+                num_workers=self.num_workers,
+            )
         return DataLoader(
-            self.val_set,
-            batch_size=self.batch_size,
+            Subset(self.val_set, range(rank, len(self.val_set), world_size)),
+            batch_size=max(1, self.batch_size // world_size),
             shuffle=False,
             drop_last=False,
             num_workers=self.num_workers,
@@ -139,10 +185,29 @@ class DataBundle:
         return torch.zeros(batch, self.in_channels, self.image_size, self.image_size)
 
 
-def _mix_seed(seed: int, epoch: int) -> int:
-    """Combine a seed and an epoch into one 63-bit generator seed without collisions in practice."""
-    state = np.random.SeedSequence([seed % 2**64, epoch % 2**64]).generate_state(1, np.uint64)[0]
+def _mix_seed(seed: int, epoch: int, *more: int) -> int:
+    """Combine a seed and an epoch (and more, e.g. a rank) into one 63-bit generator seed
+    without collisions in practice."""
+    entropy = [seed % 2**64, epoch % 2**64, *(m % 2**64 for m in more)]
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     return int(state) & (2**63 - 1)
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: the arguments where given, else the process group's (0, 1 without one)."""
+    world = distributed.world_size() if world_size is None else int(world_size)
+    r = (distributed.rank() if world_size is None else 0) if rank is None else int(rank)
+    if world < 1 or not 0 <= r < world:
+        raise ValueError(f"rank {r} is not in a world of {world} processes")
+    return r, world
+
+
+def _per_rank_batch(batch_size: int, world_size: int) -> int:
+    """``batch_size / world_size``, or a one-line :class:`DataError` when it does not divide."""
+    try:
+        return distributed.per_rank_batch(batch_size, world_size)
+    except GranularError as err:
+        raise _error(str(err)) from None
 
 
 def list_datasets() -> list[str]:

@@ -24,6 +24,12 @@ left, ``remaining // phases left`` (but never less than one warm-up plus one rou
 
 Everything a phase needs is in ``state`` (JSON) and the checkpoint, so ``--resume`` continues
 a killed search in the phase, epoch and stage it was in.
+
+Under ``torchrun`` (:mod:`granular.distributed`) the stage graphs train data-parallel like the
+single-stage graph: gradients are averaged, a new head is copied from rank 0 when a phase
+starts, and the phase changes, per-stage goals and regrowth's picks (a generator seeded from
+the search seed and the phase, over potentials read from averaged momenta) come out the same
+on every rank, which the driver checks after each epoch.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from granular import distributed
 from granular.accounting import ParamCount, count_params, count_params_by_stage
 from granular.errors import GranularError
 from granular.gates import GATE_ROOT
@@ -155,6 +162,8 @@ class MultiStageSearcher(Searcher):
         self.build_optimizers(module)
         self.net = self.build_net()
         self._active_cache = None
+        if self.head is not None:
+            distributed.broadcast_module(self.head)  # built from the same seed everywhere; now surely
         if not fresh:
             return
         cfg = self.cfg
@@ -335,6 +344,9 @@ class MultiStageSearcher(Searcher):
                 extra["regrowth"] = self.regrow()
             self.enter_phase(self.phase + 1, fresh=True)
         return extra
+
+    def synced_modules(self) -> list[torch.nn.Module]:
+        return [self.gm] + ([self.head] if self.head is not None else [])
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"snapshots": self.snapshots, "head": self.head.state_dict() if self.head is not None else None}

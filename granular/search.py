@@ -14,10 +14,18 @@ epochs a pruning round:
    little, both measured against the remaining excess over the target.
 
 The driver never edits the graph: pruning only changes stored masks (buffers).
+
+Under ``torchrun`` the search runs data-parallel (:mod:`granular.distributed`): each process
+trains on its shard of every global batch, gradients are averaged after each ``backward``,
+parameters and buffers are copied from rank 0 after each epoch's training (BatchNorm running
+statistics included) and after BatchNorm recalibration, validation counts are summed over the
+ranks, and every rank then takes the same pruning decisions from the same numbers (checked
+each epoch). Only rank 0 writes the checkpoint and the metrics log, and shows progress.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +41,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from granular import distributed
 from granular.accounting import ParamCount, count_params, export
 from granular.config import SearchConfig
 from granular.errors import CheckpointError, GranularError, TargetError
@@ -201,7 +210,7 @@ class Searcher:
         self.data = data
         self.cfg = config
         self.run_dir = Path(run_dir) if run_dir else None
-        self.progress = progress
+        self.progress = progress and distributed.is_main()  # rank 0 alone shows progress
         self.bank = _bank(gm)
         self.struct = _structure(gm)
         c = config
@@ -212,7 +221,10 @@ class Searcher:
         self.history: list[dict] = []
         self._op_cost: dict[str, float] = {}
         self._active_cache = None
+        if distributed.is_distributed():  # batch_size is the global batch: stop now if it cannot be split
+            distributed.per_rank_batch(getattr(data, "batch_size", c.batch_size))
         self.setup()
+        self.sync_state(full=True)  # every rank starts from rank 0's initialisation
 
     def setup(self) -> None:
         """Place the model on the device, build the optimisers and the training graph."""
@@ -245,6 +257,7 @@ class Searcher:
                         opt.state[p] = old[id(p)]
         self.weights = groups["weights"]
         self._thresholds = groups["thresholds"] + groups["t_omega"]
+        self._trained = groups["weights"] + groups["gates"] + groups["thresholds"] + groups["t_omega"]
 
     def build_net(self) -> fx.GraphModule:
         """The graph that training runs: the gated graph without its pruned ops
@@ -323,6 +336,8 @@ class Searcher:
             self.opt_w.zero_grad(set_to_none=True)
             self.opt_a.zero_grad(set_to_none=True)
             loss.backward()
+            if distributed.is_distributed():  # average over the global batch (see all_reduce_grads)
+                distributed.all_reduce_grads(self.weights if warmup else self._trained)
             nn.utils.clip_grad_norm_(self.weights, cfg.grad_clip)
             self.opt_w.step()
             if not warmup:
@@ -335,6 +350,9 @@ class Searcher:
             sum_ce += float(ce.detach()) * n
             if bar is not None:
                 bar(i + 1, sum_loss / tot, correct / tot)
+        if distributed.is_distributed():  # the metrics of the global batches, on every rank
+            sum_loss, sum_ce, correct, tot = distributed.all_reduce_sum([sum_loss, sum_ce, correct, tot])
+            correct, tot = int(correct), int(tot)
         return {"loss": sum_loss / max(tot, 1), "ce": sum_ce / max(tot, 1), "train_acc": correct / max(tot, 1)}
 
     @torch.no_grad()
@@ -353,6 +371,10 @@ class Searcher:
         with more units masked than the committed one (eval mode, export). A few forward
         passes with committed gates and BN in training mode (cumulative averages) fix that,
         so that validation and the exported model see statistics of what they compute.
+
+        Under torchrun every rank runs the same batches (``n × world size`` batches of the
+        per-rank size, as many samples as one process sees, in the batch size BatchNorm sees in
+        training); rank 0's statistics are then copied to the others.
         """
         n = self.cfg.bn_recalibration_batches
         norms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -365,9 +387,12 @@ class Searcher:
             m.reset_running_stats()
             m.momentum = None
             m.train()
+        batch_size, world = self.cfg.batch_size, distributed.world_size()
+        if world > 1:
+            batch_size, n = distributed.per_rank_batch(batch_size, world), n * world
         try:
             gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
-            loader = torch.utils.data.DataLoader(self.data.train_set, batch_size=self.cfg.batch_size,
+            loader = torch.utils.data.DataLoader(self.data.train_set, batch_size=batch_size,
                                                  shuffle=True, generator=gen)
             for i, (x, _) in enumerate(loader):
                 if i >= n:
@@ -377,6 +402,7 @@ class Searcher:
             for m, mom in zip(norms, saved):
                 m.momentum = mom
             self.net.train(was)
+        distributed.broadcast_module(self.net, params=False)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> Optional[float]:
@@ -390,6 +416,8 @@ class Searcher:
             correct += int((out.argmax(1) == y.to(self.device)).sum())
             tot += y.numel()
         model.train(was)
+        if distributed.is_distributed():  # each rank saw its shard of the validation set
+            correct, tot = (int(v) for v in distributed.all_reduce_sum([correct, tot]))
         return correct / tot if tot else None
 
     # ----------------------------------------------------------------- pruning
@@ -590,7 +618,7 @@ class Searcher:
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not distributed.is_main():  # rank 0 writes; every rank can read it
             return
         state = {"format": 1, "config": self.cfg.to_dict(), "state": self.state, "history": self.history,
                  "model": self.gm.state_dict(), "opt_w": self.opt_w.state_dict(), "opt_a": self.opt_a.state_dict(),
@@ -621,17 +649,44 @@ class Searcher:
             raise CheckpointError(f"cannot resume from {path}: the checkpoint is corrupt or from another "
                                   f"run ({first}); delete it to start over") from None
         self.history = list(ck["history"])
-        if self.run_dir is not None:  # the log may hold an epoch the checkpoint does not: rewrite it
+        if self.run_dir is not None and distributed.is_main():
+            # the log may hold an epoch the checkpoint does not: rewrite it
             fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=METRICS + ".", suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in self.history)
             os.replace(tmp, self.run_dir / METRICS)
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
+        self.sync_state(full=True)
+
+    # ----------------------------------------------------------------- data parallel
+    def synced_modules(self) -> list[nn.Module]:
+        """Everything the ranks must hold alike (a subclass adds its own modules)."""
+        return [self.gm]
+
+    def sync_state(self, full: bool = False) -> None:
+        """Copy rank 0's parameters and buffers to every rank (no-op in a single process).
+
+        ``full`` copies :meth:`synced_modules` (at the start and after a resume); otherwise only
+        the training graph, which is all that an epoch changes: its parameters (equal on every
+        rank already, the gradients being averaged; copying them makes sure) and its BatchNorm
+        running statistics (which each rank updates from its own shard), so that the pruning
+        round, λ, landing, regrowth and export that follow read the same numbers everywhere.
+        """
+        if distributed.is_distributed():
+            distributed.broadcast_module(*(self.synced_modules() if full else [self.net]))
+
+    def decision_state(self) -> tuple:
+        """What every rank must agree on after an epoch: a digest of the stored masks, and ``state``."""
+        h = hashlib.sha1()
+        for k, v in sorted(self._mask_buffers().items()):
+            h.update(k.encode())
+            h.update(v.detach().to("cpu", torch.uint8).numpy().tobytes())
+        return h.hexdigest(), json.dumps(self.state, sort_keys=True, default=str)
 
     def _log(self, row: dict) -> None:
         self.history.append(row)
-        if self.run_dir is not None:
+        if self.run_dir is not None and distributed.is_main():
             with open(self.run_dir / METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -669,6 +724,7 @@ class Searcher:
                     self.init_thresholds()
                 t0 = time.time()
                 stats = self.train_epoch(epoch, warmup, prog.batch_callback(epoch, len(self.data.train_loader(epoch))))
+                self.sync_state()
                 round_info = {}
                 due = None if warmup else self.round_due()
                 if due is not None:
@@ -683,6 +739,8 @@ class Searcher:
                        **{f"keep_{k}": v for k, v in retention(self.gm).items()},
                        **round_info}
                 row.update(self.after_epoch(round_info))
+                if distributed.is_distributed():
+                    distributed.assert_same(self.decision_state(), f"the masks and state after epoch {epoch + 1}")
                 row["seconds"] = round(time.time() - t0, 3)
                 self._log(row)
                 prog.epoch_done(row)
@@ -738,8 +796,9 @@ def search(gm: fx.GraphModule, train_data, target_params: float | int | None = N
         config: a :class:`~granular.config.SearchConfig`.
         run_dir: if given, checkpoints and the metrics log are written there.
         resume: continue from ``run_dir``'s checkpoint.
-        progress: show rich progress.
-        device: where to train.
+        progress: show rich progress (rank 0 only under torchrun).
+        device: where to train. Under ``torchrun`` the search joins the process group (or uses
+            the caller's) and runs data-parallel; ``cuda`` means ``cuda:LOCAL_RANK``.
 
     Returns:
         A :class:`SearchResult` with the exported compact model.
@@ -753,6 +812,7 @@ def search(gm: fx.GraphModule, train_data, target_params: float | int | None = N
         cfg = SearchConfig.from_dict({**cfg.to_dict(), "target_params": int(target_params)})
     if cfg.target_params <= 0:
         raise TargetError("no target: pass target_params (e.g. 2.2M)")
+    device = distributed.init(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     searcher = make_searcher(gm, train_data, cfg, run_dir=run_dir, progress=progress, device=device)
