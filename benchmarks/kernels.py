@@ -154,7 +154,6 @@ def bench_layer(name, shape, keep, device, dtype, timer, compile_):
         row[f"{vname}_bwd"] = timer(lambda: torch.autograd.grad(out, ins, d, retain_graph=True, allow_unused=True))
         row[f"{vname}_fb"] = timer(lambda: torch.autograd.grad(fn(), ins, d, allow_unused=True))
         row[f"{vname}_mib"] = _peak(device, lambda: torch.autograd.grad(fn(), ins, d, allow_unused=True))
-        del out
     return row
 
 

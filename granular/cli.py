@@ -1,8 +1,10 @@
 """The ``granular`` command line.
 
     granular search SPEC --target-params 2.2M [--dataset D] [--epochs N] [--out DIR] [--resume] [--seed S]
-    granular export RUN_DIR [--out DIR]
+    granular export RUN_DIR [--out DIR] [--finetune --epochs N]
+    granular retrain RUN_DIR [--arch exact|aligned] [--finetune] [--epochs N] [--aux-weight W] [--drop-path P]
     granular inspect SPEC [--dataset D] [--leaf CLASS ...] [--strict] [--all]
+    granular report RUN_DIR [--out DIR]
 
 Bad input prints one line (``error: ...``) and exits with status 2; a search that ends
 without meeting its target exits with status 3 (its best model is still exported).
@@ -69,8 +71,39 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--all", action="store_true", help="list every operation unit")
     e = sub.add_parser("export", help="re-export the compact model of a run directory")
     e.add_argument("run_dir")
-    e.add_argument("--out", default=None, help="where to write the model (default RUN_DIR/model)")
+    e.add_argument("--out", default=None, help="where to write the model (default RUN_DIR/model; "
+                                               "RUN_DIR/finetune with --finetune)")
+    e.add_argument("--finetune", action="store_true",
+                   help="fine-tune the exported model from the searched weights before writing it")
+    _train_options(e, epochs_help="fine-tuning epochs (default 10, at --lr 0.005)")
+    r = sub.add_parser("retrain", help="train the discovered architecture from scratch and report its accuracy")
+    r.add_argument("run_dir")
+    r.add_argument("--arch", choices=("exact", "aligned"), default=None,
+                   help="exact: the exported model (default); aligned: one width per cell (METHOD.md)")
+    r.add_argument("--finetune", action="store_true", help="start from the searched weights, not from scratch")
+    r.add_argument("--out", default=None, help="default RUN_DIR/retrain (RUN_DIR/retrain-aligned)")
+    _train_options(r, epochs_help="epochs (default 50)")
+    rp = sub.add_parser("report", help="tables and plots of what a search kept: retention per cell and "
+                                       "granularity, thresholds and parameters over the epochs")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", default=None, help="where to write the plots and report.json (default RUN_DIR/report)")
     return p
+
+
+def _train_options(p: argparse.ArgumentParser, epochs_help: str) -> None:
+    """Options shared by ``retrain`` and ``export --finetune`` (granular.retrain.RetrainConfig)."""
+    p.add_argument("--epochs", type=int, default=None, help=epochs_help)
+    p.add_argument("--batch-size", type=int, default=None, help="default 96")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate, cosine to 0 (default 0.025)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 3e-4")
+    p.add_argument("--label-smoothing", type=float, default=None, help="default 0")
+    p.add_argument("--aux-weight", type=float, default=None, help="auxiliary head loss weight (default 0: no head)")
+    p.add_argument("--drop-path", type=float, default=None, help="drop-path probability on op branches (default 0)")
+    p.add_argument("--augment", action="store_true", help="Cutout + AutoAugment (CIFAR) or flips (imagefolder)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--resume", action="store_true", help="continue a killed retrain in --out")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             from granular.inspection import run_inspect
             return run_inspect(args)
+        if args.command == "retrain":
+            from granular.retrain import run_retrain
+            return run_retrain(args)
+        if args.command == "report":
+            from granular.report import run_report
+            return run_report(args)
         if args.command == "export":
             from granular.run import run_export
             return run_export(args)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from granular import distributed
 from granular._format import fmt_count, fmt_pct
 from granular.api import prepare
 from granular.arch import architecture
@@ -71,13 +72,27 @@ def _build(run: dict[str, Any]):
     torch.manual_seed(run["search"]["seed"])
     model = build_model(run["spec"], num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size)
-    gm = prepare(model, data.example_input(), leaf_modules=resolve_leaves(model, run.get("leaf") or []),
+    cfg = SearchConfig.from_dict(run["search"])
+    gm = prepare(model, data.example_input(), cfg.gates, leaf_modules=resolve_leaves(model, run.get("leaf") or []),
                  auto_leaf=run.get("auto_leaf", False))
-    return data, gm, SearchConfig.from_dict(run["search"])
+    return data, gm, cfg
 
 
 def run_search(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
+    """``granular search``; under ``torchrun`` every process runs it, data-parallel
+    (:mod:`granular.distributed`), and rank 0 alone writes the run directory and prints."""
+    ours = not distributed.is_distributed()  # a process group the caller started is the caller's to end
+    device = distributed.init(args.device)
+    try:
+        return _run_search(args, device)
+    finally:
+        if ours:
+            distributed.cleanup()
+
+
+def _run_search(args: argparse.Namespace, device: torch.device) -> int:
+    main = distributed.is_main()
+    console = Console(stderr=True, quiet=not main)
     run_dir = Path(args.out) if args.out else Path("runs") / spec_name(args.spec)
     if args.resume:
         run = _load_run_config(run_dir)
@@ -100,10 +115,11 @@ def run_search(args: argparse.Namespace) -> int:
         run = {"spec": args.spec, "dataset": args.dataset, "data_root": args.data_root, "augment": args.augment,
                "leaf": args.leaf or [], "auto_leaf": args.auto_leaf,
                "search": cfg.to_dict(), "granular_version": _version()}
+    distributed.per_rank_batch(run["search"]["batch_size"])  # the global batch must split over the processes
     data, gm, cfg = _build(run)
     if not args.resume:
         now, floor = check_target(gm, cfg.target_params)
-        check_kernels(cfg, args.device)
+        check_kernels(cfg, device)
         if cfg.multi_stage == "on" and count_resolutions(gm) < 2:  # stop (or warn) before writing anything
             msg = single_resolution_message(gm)
             if cfg.single_resolution == "stop":
@@ -111,23 +127,27 @@ def run_search(args: argparse.Namespace) -> int:
             console.print(f"[yellow]{msg.split(':')[0]}: searching it in one stage (--stage-fallback)[/]",
                           highlight=False)
         mode = "multi-stage" if use_multi_stage(gm, cfg) else "single-stage"
+        world = distributed.world_size()
+        procs = f", {world} processes of {cfg.batch_size // world}" if world > 1 else ""
         console.print(f"[bold]{run['spec']}[/]: {fmt_count(now.nonzero)} parameters, target "
                       f"{fmt_count(cfg.target_params)} (reachable down to {fmt_count(floor.nonzero)}), {mode}; "
-                      f"data {run['dataset']} ({len(data.train_set)} train / {len(data.val_set)} val); "
+                      f"data {run['dataset']} ({len(data.train_set)} train / {len(data.val_set)} val{procs}); "
                       f"run directory {run_dir}", highlight=False)
+        distributed.barrier()  # every rank has seen the directory empty before rank 0 fills it
+    if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / RUN_CONFIG, run)
-    else:
-        write_json_atomic(run_dir / RUN_CONFIG, run)
-    searcher = make_searcher(gm, data, cfg, run_dir=run_dir, progress=not args.no_progress, device=args.device)
+    searcher = make_searcher(gm, data, cfg, run_dir=run_dir, progress=not args.no_progress, device=device)
     if args.resume:
         searcher.resume(run_dir / CHECKPOINT)
         console.print(f"resuming {run_dir} at epoch {searcher.state['epoch']}", highlight=False)
     result = searcher.run()
-    write_json_atomic(run_dir / "arch.json", architecture(result.gm))
-    save(result.compact, run_dir / "model", metadata={"spec": run["spec"], "dataset": run["dataset"],
-                                                       "target_params": cfg.target_params,
-                                                       "val_accuracy": result.val_accuracy})
+    if main:
+        write_json_atomic(run_dir / "arch.json", architecture(result.gm))
+        save(result.compact, run_dir / "model", metadata={"spec": run["spec"], "dataset": run["dataset"],
+                                                           "target_params": cfg.target_params,
+                                                           "val_accuracy": result.val_accuracy})
+    distributed.barrier()  # the others wait for rank 0's files
     p = result.params
     console.print(f"compact model: {fmt_count(p.nonzero)} nonzero parameters ({p.nonzero:,}; dense "
                   f"{p.total:,}), target {cfg.target_params:,}, val accuracy {fmt_pct(result.val_accuracy)}, "
@@ -139,14 +159,29 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_export(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
+def load_searched(run_dir: Path, *, batch_size: int | None = None, augment: bool | None = None):
+    """``(run config, data, gated graph)`` of a search run directory, with the searched state
+    (masks, weights, thresholds) loaded from its checkpoint. ``batch_size`` and ``augment``
+    override the search's data settings (retraining uses its own)."""
     run = _load_run_config(run_dir)
     if not (run_dir / CHECKPOINT).is_file():
-        raise CheckpointError(f"no {CHECKPOINT} in {run_dir}: nothing to export")
+        raise CheckpointError(f"no {CHECKPOINT} in {run_dir}: run `granular search` (or --resume it) first")
     data, gm, cfg = _build(run)
     searcher = make_searcher(gm, data, cfg, run_dir=None, progress=False)
     searcher.resume(run_dir / CHECKPOINT)
+    if batch_size is not None or augment is not None:
+        data = load_data(run["dataset"], batch_size=batch_size or cfg.batch_size, seed=cfg.seed,
+                         root=run.get("data_root"), augment=run.get("augment", False) if augment is None else augment)
+    gm.cpu()
+    return run, data, gm
+
+
+def run_export(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if getattr(args, "finetune", False):
+        from granular.retrain import run_retrain
+        return run_retrain(args, finetune_only=True)
+    run, data, gm = load_searched(run_dir)
     from granular.accounting import export
     out = Path(args.out) if args.out else run_dir / "model"
     compact = export(gm)

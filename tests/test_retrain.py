@@ -1,0 +1,129 @@
+"""``granular retrain`` and ``export --finetune``: the discovered architecture, trained again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import granular
+from granular.cli import main
+from granular.retrain import RetrainConfig, _alignment_width, aligned_, build_retrain_model
+from granular.search_spaces import build_search_space, describe_op
+
+from _models import USER_MODELS
+
+
+def test_alignment_rule_follows_method_md():
+    assert _alignment_width([6, 8], 8) == 7          # mean >= C/2
+    assert _alignment_width([1, 2, 6], 8) == 6       # mean < C/2, max >= C/2
+    assert _alignment_width([1, 2], 8) == 4          # both below: C/2
+
+
+def _gated_darts(seed=0):
+    torch.manual_seed(seed)
+    gm = granular.prepare(build_search_space("darts:tiny", 10, 1), torch.randn(2, 1, 8, 8))
+    granular.testing.random_masks_(gm, op=0.3, filter=0.5, weight=0.3, seed=seed)
+    return gm
+
+
+def test_aligned_architecture_gives_each_node_one_width():
+    gm = _gated_darts()
+    bank = gm.granular_gates
+    widths = aligned_(gm)
+    assert widths and all("out" in roles for roles in widths.values())
+    by_node: dict = {}
+    for key, gate in bank.op.items():
+        d = describe_op(key)
+        if d and float(gate.mask) > 0:
+            outs = [k for k in bank.filter if k.startswith(key)]
+            last = sorted(outs)[-1] if outs else None
+            if last:
+                by_node.setdefault((d["cell"], d.get("dst")), set()).add(tuple(bank.filter[last].mask.tolist()))
+    # every op feeding one node keeps the same channel set, of the cell's aligned width
+    assert by_node and all(len(sets) == 1 for sets in by_node.values())
+    gm.eval()
+    compact = granular.export(gm)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(compact(x), gm(x), atol=1e-5)
+
+
+def test_from_scratch_model_reinitialises_restores_norms_and_keeps_weight_zeros():
+    gm = _gated_darts(1)
+    gm.eval()
+    exported = granular.export(gm)
+    compact, info = build_retrain_model(gm, RetrainConfig(arch="exact"))
+    assert info["norms_restored"] > 0
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in compact.modules())
+    zeros_before = {n: (p == 0) for n, p in exported.named_parameters() if p.dim() > 1}
+    after = dict(compact.named_parameters())
+    for name, z in zeros_before.items():
+        assert torch.equal(after[name] == 0, z), name          # the searched sparsity pattern, exactly
+        assert not torch.equal(after[name], dict(exported.named_parameters())[name])   # new values
+    compact.train()
+    assert compact(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search") / "run"
+    code = main(["search", USER_MODELS["resnet_like"], "--target-params", "6K", "--epochs", "3",
+                 "--warmup-epochs", "1", "--prune-every", "1", "--out", str(out), "--no-progress"])
+    assert code in (0, 3)
+    return out
+
+
+def test_retrain_runs_an_epoch_and_writes_its_metrics(searched, capsys):
+    out = searched / "rt"
+    code = main(["retrain", str(searched), "--epochs", "1", "--out", str(out), "--no-progress",
+                 "--aux-weight", "0.4", "--drop-path", "0.1", "--label-smoothing", "0.1"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "result.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and 0 <= rows[0]["val_top1"] <= rows[0]["val_top5"] <= 1
+    assert result["top1"] == pytest.approx(rows[0]["val_top1"])
+    assert result["accuracy_density"] == pytest.approx(100 * result["top1"] / (result["nonzero"] / 1e6))
+    model = granular.load(out / "model")
+    assert sum(int(torch.count_nonzero(p)) for p in model.parameters()) == result["nonzero"]
+    assert sum(p.numel() for p in model.parameters()) == result["params"]
+
+
+def test_killed_retrain_resumes_to_the_same_result(searched, capsys, monkeypatch):
+    from granular.data import DataBundle
+
+    whole, killed = searched / "whole", searched / "killed"
+    argv = ["--epochs", "2", "--no-progress", "--drop-path", "0.2"]
+    assert main(["retrain", str(searched), "--out", str(whole), *argv]) == 0
+    assert main(["retrain", str(searched), "--out", str(whole), *argv]) == 2
+    assert "--resume" in capsys.readouterr().err          # an existing retrain is never overwritten
+
+    loader = DataBundle.train_loader
+
+    def dies_in_epoch_two(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return loader(self, epoch)
+    monkeypatch.setattr(DataBundle, "train_loader", dies_in_epoch_two)
+    assert main(["retrain", str(searched), "--out", str(killed), *argv]) == 130
+    monkeypatch.setattr(DataBundle, "train_loader", loader)
+    assert main(["retrain", str(searched), "--out", str(killed), "--resume", "--no-progress"]) == 0
+
+    def rows(d):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(killed) == rows(whole) and len(rows(whole)) == 2
+    assert json.loads((killed / "result.json").read_text())["top1"] == \
+        json.loads((whole / "result.json").read_text())["top1"]
+
+
+def test_export_finetune_starts_from_the_searched_function(searched, capsys):
+    out = searched / "ft"
+    assert main(["export", str(searched), "--finetune", "--epochs", "1", "--lr", "1e-9", "--out", str(out),
+                 "--no-progress"]) == 0
+    tuned = granular.load(out / "model")
+    exported = granular.load(searched / "model")
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():   # with a vanishing learning rate, fine-tuning keeps the searched function
+        assert torch.allclose(tuned(x), exported(x), atol=1e-4)
