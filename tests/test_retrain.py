@@ -127,3 +127,23 @@ def test_export_finetune_starts_from_the_searched_function(searched, capsys):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():   # with a vanishing learning rate, fine-tuning keeps the searched function
         assert torch.allclose(tuned(x), exported(x), atol=1e-4)
+
+
+def test_filter_pruned_model_trains_from_scratch_and_its_zeros_stay_zero():
+    """Regression: fixed-zero rows behind restored BatchNorms got gradients of ~1e5, the clip
+    then shrank every useful gradient to nothing, and the model trained to chance (15%)."""
+    from granular.config import GateConfig
+    from granular.data import load_data
+    from granular.retrain import train_compact
+
+    data = load_data("digits", batch_size=96, seed=0, limit=600)
+    torch.manual_seed(0)
+    gm = granular.prepare(build_search_space("darts:tiny", 10, 1), data.example_input(), GateConfig(weight_masks=False))
+    granular.testing.random_masks_(gm, op=0.3, filter=0.5, weight=0.0, seed=0)
+    compact, _ = build_retrain_model(gm, RetrainConfig(epochs=2))
+    zeros = {n: (p == 0).clone() for n, p in compact.named_parameters() if p.dim() > 1 and bool((p == 0).any())}
+    assert zeros
+    out = train_compact(compact, data, RetrainConfig(epochs=2), progress=False)
+    assert out["history"][-1]["train_acc"] > 0.6
+    params = dict(compact.named_parameters())
+    assert all(bool((params[n][z] == 0).all()) for n, z in zeros.items())
