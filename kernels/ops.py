@@ -109,8 +109,9 @@ def masked_conv2d_backward_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor
                               wmask: torch.Tensor, scale: Optional[torch.Tensor],
                               in_idx: torch.Tensor, out_idx: torch.Tensor,
                               stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                              need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dx, dw, dt, dscale, dshift)``; dscale/dshift are zero on inactive channels."""
+                              need_dx: bool, need_dshift: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dx, dw, dt, dscale, dshift)``; dscale/dshift are zero on inactive channels, and
+    dx/dshift empty unless asked for (dshift is a full pass over dy)."""
     n, _, h, wd = x.shape
     k_all, c_w, r, s = w.shape
     p, q = _out_size(h, wd, r, s, stride, padding, dilation)
@@ -127,12 +128,11 @@ def masked_conv2d_backward_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor
     dw = torch.zeros_like(w)
     dt = torch.zeros((), device=x.device, dtype=torch.float32)
     dscale = torch.zeros(k_all, device=x.device, dtype=torch.float32)
-    dshift = torch.zeros(k_all, device=x.device, dtype=torch.float32)
+    dshift = torch.zeros(k_all if need_dshift else 0, device=x.device, dtype=torch.float32)
+    if need_dshift and n_out:
+        dshift.index_copy_(0, out_idx.long(), dy.index_select(1, out_idx).float().sum((0, 2, 3)))
     if n_out == 0 or n_in == 0 or x.numel() == 0:
-        if n_out:
-            dshift.index_copy_(0, out_idx.long(), dy.index_select(1, out_idx).float().sum((0, 2, 3)))
         return dx, dw, dt.to(t.dtype), dscale, dshift
-    dshift.index_copy_(0, out_idx.long(), dy.index_select(1, out_idx).float().sum((0, 2, 3)))
     sc = scale if scale is not None else t
     m, mx = n * p * q, n * h * wd
     g = torch.zeros(w.shape, device=x.device, dtype=torch.float32)
@@ -177,11 +177,11 @@ def masked_conv2d_backward_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor
 
 
 @masked_conv2d_backward_op.register_fake
-def _(dy, x, w, t, wmask, scale, in_idx, out_idx, stride, padding, dilation, groups, need_dx):
+def _(dy, x, w, t, wmask, scale, in_idx, out_idx, stride, padding, dilation, groups, need_dx, need_dshift):
     k = w.shape[0]
     f32 = dict(device=x.device, dtype=torch.float32)
     return (x.new_empty(x.shape if need_dx else (0,)), w.new_empty(w.shape), t.new_empty(()),
-            torch.empty(k, **f32), torch.empty(k, **f32))
+            torch.empty(k, **f32), torch.empty(k if need_dshift else 0, **f32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -196,7 +196,8 @@ def _backward(ctx, dy):
     x, w, t, wmask, scale, in_idx, out_idx = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     dx, dw, dt, dscale, dshift = torch.ops.granular.masked_conv2d_backward(
-        dy, x, w, t, wmask, scale, in_idx, out_idx, stride, padding, dilation, groups, ctx.needs_input_grad[0])
+        dy, x, w, t, wmask, scale, in_idx, out_idx, stride, padding, dilation, groups, ctx.needs_input_grad[0],
+        ctx.has_shift)
     return (dx if ctx.needs_input_grad[0] else None, dw, dt.reshape(t.shape), None,
             dscale.to(scale.dtype) if scale is not None else None,
             dshift.to(ctx.shift_dtype) if ctx.has_shift else None,
