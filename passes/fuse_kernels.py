@@ -105,7 +105,7 @@ class FuseKernels(PassBase):
         if root is None:
             root = nn.Module()
             gm.add_submodule(KERNEL_ROOT, root)
-        self._zero_memo: dict[fx.Node, Optional[list]] = {}
+        memo: dict[fx.Node, Optional[list]] = {}
         fused = 0
         for conv in list(graph.nodes):
             if conv.op != "call_function" or conv.target not in _CONVS:
@@ -131,7 +131,7 @@ class FuseKernels(PassBase):
                     pname = "beta" if g.meta[GATE].kind == "filter" else "alpha"
                     gates.append((attr(f"{g.target}.{pname}"), g.args[1], attr(f"{g.target}.mask")))
                 out_masks = [attr(f"{g.target}.mask") for g in out_gates]
-                in_zero = [[attr(f"{g.target}.mask") for g in clause] for clause in (self._zero_clauses(gm, x) or [])]
+                in_zero = [[attr(f"{g.target}.mask") for g in clause] for clause in (_zero_clauses(gm, x, memo) or [])]
             name = str(w.target).rsplit(".", 1)[0].replace(".", "_") if w.op == "get_attr" else conv.name
             root.add_module(name, GatedConv2d(stride, padding, dilation, groups,
                                               [g.meta[GATE].kind for g in epilogue], self.use_kernel))
@@ -160,7 +160,7 @@ class FuseKernels(PassBase):
         if isinstance(padding, str) or not all(isinstance(v, (tuple, list)) and len(v) == 2
                                                for v in (stride, padding, dilation)):
             return None
-        xs, ws = tensor_shape(x), None
+        xs = tensor_shape(x)
         if _gate(gm, wnode, "weight") is not None:
             w, t = wnode.args
             wmask_target = f"{wnode.target}.mask"
@@ -193,27 +193,28 @@ class FuseKernels(PassBase):
             tail = nxt
         return out
 
-    def _zero_clauses(self, gm: fx.GraphModule, n) -> Optional[list[list[fx.Node]]]:
-        """Gate nodes whose stored masks make ``n`` zero per channel, as an AND of ORs; None if
-        no gate can (the channel is zero when every clause has a gate whose mask is 0 there)."""
-        if not isinstance(n, fx.Node):
-            return None
-        if n in self._zero_memo:
-            return self._zero_memo[n]
-        self._zero_memo[n] = None   # guards cycles; graphs have none
-        result = None
-        if _gate(gm, n, "filter") is not None or _gate(gm, n, "op") is not None:
-            inner = self._zero_clauses(gm, n.args[0])
-            result = [[n]] if inner is None else [clause + [n] for clause in inner]
-        elif _passes_zero(gm, n):
-            result = self._zero_clauses(gm, n.args[0])
-        elif n.op == "call_function" and n.target in _ADDS and len(n.args) == 2 and not n.kwargs:
-            a, b = (self._zero_clauses(gm, v) for v in n.args)
-            shapes = {tensor_shape(v) if isinstance(v, fx.Node) else None for v in n.args}
-            if a is not None and b is not None and len(shapes) == 1:
-                result = a + b
-        self._zero_memo[n] = result
-        return result
+
+def _zero_clauses(gm: fx.GraphModule, n, memo: dict) -> Optional[list[list[fx.Node]]]:
+    """Gate nodes whose stored masks make ``n`` zero per channel, as an AND of ORs; None if
+    no gate can (the channel is zero when every clause has a gate whose mask is 0 there)."""
+    if not isinstance(n, fx.Node):
+        return None
+    if n in memo:
+        return memo[n]
+    memo[n] = None   # guards cycles; graphs have none
+    result = None
+    if _gate(gm, n, "filter") is not None or _gate(gm, n, "op") is not None:
+        inner = _zero_clauses(gm, n.args[0], memo)
+        result = [[n]] if inner is None else [clause + [n] for clause in inner]
+    elif _passes_zero(gm, n):
+        result = _zero_clauses(gm, n.args[0], memo)
+    elif n.op == "call_function" and n.target in _ADDS and len(n.args) == 2 and not n.kwargs:
+        a, b = (_zero_clauses(gm, v, memo) for v in n.args)
+        shapes = {tensor_shape(v) if isinstance(v, fx.Node) else None for v in n.args}
+        if a is not None and b is not None and len(shapes) == 1:
+            result = a + b
+    memo[n] = result
+    return result
 
 
 def _attr_shape(gm: fx.GraphModule, n: fx.Node) -> Optional[tuple[int, ...]]:
