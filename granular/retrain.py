@@ -46,6 +46,7 @@ from granular.errors import CheckpointError, GranularError
 from granular.gates import GATE_ROOT
 from granular.meta import LAYER, OP_UNIT
 from granular.passes.skip_pruned_ops import share_graph
+from granular.search import _atomic_torch_save
 from granular.search_spaces import describe_op
 
 __all__ = ["RetrainConfig", "aligned_", "restore_norms", "train_compact", "run_retrain", "accuracy_density"]
@@ -175,7 +176,7 @@ def restore_norms(compact: fx.GraphModule, gm: fx.GraphModule) -> int:
     """Put a fresh BatchNorm after each layer of ``compact`` whose layer in ``gm`` (the gated
     graph it was exported from) fed a BatchNorm, which export folded away. In place; returns
     how many. For training from scratch: a folded norm is a fixed affine map, not a norm."""
-    norms: dict[str, nn.Module] = {}
+    norms: dict[str, tuple[str, nn.Module]] = {}   # layer path -> (norm path, norm)
     for n in gm.graph.nodes:
         info = n.meta.get(LAYER)
         if info is None or len(n.users) != 1:
@@ -310,12 +311,6 @@ def evaluate(model: nn.Module, loader, device) -> dict[str, float]:
     return {"top1": top1 / max(total, 1), "top5": top5 / max(total, 1)}
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def train_compact(compact: fx.GraphModule, data, cfg: RetrainConfig, *, out_dir: Optional[Path] = None,
                   device: str = "cpu", progress: bool = True, resume: bool = False,
                   console: Optional[Console] = None) -> dict[str, Any]:
@@ -328,8 +323,7 @@ def train_compact(compact: fx.GraphModule, data, cfg: RetrainConfig, *, out_dir:
     console = console or Console(stderr=True)
     torch.manual_seed(cfg.seed)
     compact.to(device)
-    masks = {name: (p != 0) for name, p in compact.named_parameters() if p.dim() > 1 and bool((p == 0).any())}
-    fixed = [(compact.get_parameter(name), m) for name, m in masks.items()]
+    fixed = [(p, p != 0) for p in compact.parameters() if p.dim() > 1 and bool((p == 0).any())]
     net, drops = training_graph(compact, data.example_input().to(device), data.num_classes, cfg)
     net.to(device)
     params = list(net.parameters())
@@ -390,7 +384,7 @@ def train_compact(compact: fx.GraphModule, data, cfg: RetrainConfig, *, out_dir:
         if out_dir is not None:
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            _atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            _atomic_torch_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "epoch": epoch + 1, "history": history, "rng": torch.get_rng_state()}, ckpt_path)
         if progress:
             console.print(f"retrain epoch {epoch + 1:>3}/{cfg.epochs} loss {row['loss']:.3f} "
