@@ -23,3 +23,13 @@ def user_model(name: str, seed: int = 0) -> torch.nn.Module:
 
 def example(batch: int = 2, size: int = 8, channels: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_one_line_error(code, err, *needles):
+    """The CLI's contract for bad input: exit 2 and one ``error: ...`` line naming the problem."""
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -9,7 +9,7 @@ import pytest
 
 from granular.cli import main
 
-from _models import USER_MODELS
+from _models import USER_MODELS, assert_one_line_error
 
 VGG = USER_MODELS["vgg_like"]
 
@@ -20,20 +20,11 @@ def _run(capsys, *argv):
     return code, err
 
 
-def _assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_model_file_without_a_model(tmp_path, capsys):
     f = tmp_path / "empty_model.py"
     f.write_text("import torch\n\ndef helper(x):\n    return x\n")
     code, err = _run(capsys, "search", str(f), "--target-params", "1K", "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "no model found", "empty_model.py")
+    assert_one_line_error(code, err, "no model found", "empty_model.py")
 
 
 def test_untraceable_model_names_module_and_construct(tmp_path, capsys):
@@ -61,34 +52,34 @@ def test_untraceable_model_names_module_and_construct(tmp_path, capsys):
                 return self.fc(torch.flatten(self.gate(x), 1))
     """))
     code, err = _run(capsys, "search", str(f), "--target-params", "1K", "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "'gate' (Gate)", "control flow", "leaf_modules")
+    assert_one_line_error(code, err, "'gate' (Gate)", "control flow", "leaf_modules")
 
 
 def test_target_at_or_above_model_size(tmp_path, capsys):
     code, err = _run(capsys, "search", VGG, "--target-params", "1M", "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "already has", "nothing to prune")
+    assert_one_line_error(code, err, "already has", "nothing to prune")
 
 
 def test_target_below_reachable(tmp_path, capsys):
     code, err = _run(capsys, "search", VGG, "--target-params", "5", "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "below the smallest model", "at least")
+    assert_one_line_error(code, err, "below the smallest model", "at least")
 
 
 @pytest.mark.parametrize("bad", ["abc", "12Q", "-5", "0"])
 def test_non_numeric_target(tmp_path, capsys, bad):
     code, err = _run(capsys, "search", VGG, "--target-params", bad, "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, bad)
+    assert_one_line_error(code, err, bad)
 
 
 def test_missing_dataset_directory(tmp_path, capsys):
     code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--dataset",
                      f"imagefolder:{tmp_path / 'nope'}", "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "does not exist")
+    assert_one_line_error(code, err, "does not exist")
 
 
 def test_unknown_spec(tmp_path, capsys):
     code, err = _run(capsys, "search", "resnet9000", "--target-params", "20K", "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "unknown model spec", "darts:tiny")
+    assert_one_line_error(code, err, "unknown model spec", "darts:tiny")
 
 
 def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
@@ -99,7 +90,7 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
     assert "target not reached" in err
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
     code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--out", str(run), "--resume")
-    _assert_one_line_error(code, err, "corrupt", "checkpoint")
+    assert_one_line_error(code, err, "corrupt", "checkpoint")
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
@@ -107,7 +98,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     run.mkdir()
     (run / "config.json").write_text("{}")
     code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--out", str(run))
-    _assert_one_line_error(code, err, "already holds a search", "--resume")
+    assert_one_line_error(code, err, "already holds a search", "--resume")
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
@@ -148,17 +139,17 @@ def test_inspect_reports_untraceable_module_and_goes_on(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "not traceable" in out and "gate" in out and "--leaf Gate" in out
     code, err = _run(capsys, "inspect", str(f), "--strict")
-    _assert_one_line_error(code, err, "'gate' (Gate)", "--leaf Gate")
+    assert_one_line_error(code, err, "'gate' (Gate)", "--leaf Gate")
 
 
 def test_unknown_zoo_model_suggests_close_names(capsys):
     code, err = _run(capsys, "inspect", "timm:resnet1")
-    _assert_one_line_error(code, err, "timm has no model 'resnet1'", "did you mean")
+    assert_one_line_error(code, err, "timm has no model 'resnet1'", "did you mean")
 
 
 def test_torchvision_model_on_grayscale_data_says_how_to_fix(tmp_path, capsys):
     code, err = _run(capsys, "search", "torchvision:resnet18", "--target-params", "1M", "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "3-channel images", "timm:resnet18")
+    assert_one_line_error(code, err, "3-channel images", "timm:resnet18")
 
 
 def test_model_without_prunable_units_says_so(tmp_path, capsys):
@@ -166,7 +157,7 @@ def test_model_without_prunable_units_says_so(tmp_path, capsys):
     f.write_text("from torch import nn\n\ndef model(num_classes=10, in_channels=1):\n"
                  "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, num_classes))\n")
     code, err = _run(capsys, "inspect", str(f))
-    _assert_one_line_error(code, err, "no prunable units")
+    assert_one_line_error(code, err, "no prunable units")
 
 
 def test_search_a_timm_model(tmp_path, capsys):
@@ -182,4 +173,4 @@ def test_search_a_timm_model(tmp_path, capsys):
 def test_leaf_that_names_no_module_class(tmp_path, capsys):
     code, err = _run(capsys, "search", VGG, "--target-params", "1K", "--leaf", "NoSuchBlock",
                      "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "--leaf NoSuchBlock", "no module of class")
+    assert_one_line_error(code, err, "--leaf NoSuchBlock", "no module of class")

@@ -14,18 +14,9 @@ import granular
 from granular.cli import main
 from granular.report import group_arch, load_metrics, plot_params, plot_retention, plot_thresholds, report
 
-from _models import USER_MODELS
+from _models import USER_MODELS, assert_one_line_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -335,4 +326,4 @@ def test_bad_run_directories_get_one_line(tmp_path, capsys, case, needles):
         (run / "metrics.jsonl").write_text('{"epoch": 1, "params": 10}\n')
         (run / "arch.json").write_text("{")
     code = main(["report", str(run)])
-    _assert_one_line_error(code, capsys.readouterr().err, *needles)
+    assert_one_line_error(code, capsys.readouterr().err, *needles)
