@@ -15,8 +15,8 @@ import torch
 
 import granular
 from granular.accounting import count_module
-from granular.run import _build, _load_run_config
-from granular.search import CHECKPOINT, Searcher
+from granular.cli.rundir import CHECKPOINT, build_run, load_run_config
+from granular.driver import Searcher
 
 from _common import header, interleaved_times
 
@@ -28,8 +28,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     run_dir = Path(args.run_dir)
-    run = _load_run_config(run_dir)
-    data, gm, cfg = _build(run)
+    run = load_run_config(run_dir)
+    data, gm, cfg = build_run(run)
     Searcher(gm, data, cfg, progress=False).resume(run_dir / CHECKPOINT)
     gm.eval()
     compact = granular.load(run_dir / "model")

@@ -37,8 +37,7 @@ from _common import PeakTensorMemory, header  # noqa: E402
 
 import granular  # noqa: E402
 from granular.config import SearchConfig  # noqa: E402
-from granular.multistage import MultiStageSearcher  # noqa: E402
-from granular.search import Searcher  # noqa: E402
+from granular.driver import MultiStageSearcher, Searcher  # noqa: E402
 from granular.search_spaces import build_search_space  # noqa: E402
 
 

@@ -23,8 +23,9 @@ import torch
 import granular
 from granular.config import GateConfig, SearchConfig, parse_size
 from granular.data import load_data
-from granular.retrain import RetrainConfig, build_retrain_model, train_compact
-from granular.search import Searcher
+from granular.config import RetrainConfig
+from granular.driver import Searcher
+from granular.retrain import build_retrain_model, train_compact
 from granular.search_spaces import build_search_space
 
 VARIANTS = {
@@ -68,7 +69,7 @@ def main() -> None:
         accs, nonzeros = [], []
         for seed in range(args.seeds):
             compact, _ = build_retrain_model(gm, RetrainConfig(epochs=args.retrain_epochs, seed=seed))
-            out = train_compact(compact, data, RetrainConfig(epochs=args.retrain_epochs, seed=seed), progress=False)
+            out = train_compact(compact, data, RetrainConfig(epochs=args.retrain_epochs, seed=seed))
             accs.append(100 * out["top1"])
             nonzeros.append(out["nonzero"])
         row = {"variant": name, "reached": result.reached, "search_val": result.val_accuracy,

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header  # noqa: E402
 
-from granular.hub import build_zoo_model, default_input, list_zoo_models  # noqa: E402
+from granular.spec import build_zoo_model, default_input, list_zoo_models  # noqa: E402
 from granular.testing import check_export  # noqa: E402
 
 GOALS = {"timm": 0.90, "torchvision": 0.95}

@@ -1,6 +1,6 @@
 """granular: multi-granularity pruning as torch.fx passes.
 
-Pipeline (DESIGN.md)::
+Pipeline (``docs/design.md``)::
 
     prepare (trace -> find_units -> insert_gates) -> search -> export -> save
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from granular.api import prepare  # noqa: E402
-from granular.accounting import ParamCount, count_params, export  # noqa: E402
+from granular.api import export, prepare  # noqa: E402
+from granular.accounting import ParamCount, count_params  # noqa: E402
 from granular.io import load, save  # noqa: E402
-from granular.search import search  # noqa: E402  (the function shadows the submodule name)
+from granular.driver import search  # noqa: E402
 from granular import testing  # noqa: E402
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Exact parameter accounting: :func:`count_params` is the size of :func:`export`'s result.
+"""Exact parameter accounting: :func:`count_params` is the size of :func:`granular.export`'s result.
 
 Both functions share :func:`granular.passes.export.plan_export`, so the count includes
 everything the compact model has: stem, norms that stay, folded biases, the classifier.
@@ -13,9 +13,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from granular.passes.export import build_export, plan_export
+from granular.passes.export import plan_export
 
-__all__ = ["ParamCount", "count_params", "count_params_by_stage", "export", "count_module"]
+__all__ = ["ParamCount", "count_params", "count_params_by_stage", "count_module"]
 
 
 class ParamCount(NamedTuple):
@@ -72,8 +72,3 @@ def count_params_by_stage(gm: fx.GraphModule) -> dict[int, ParamCount]:
 def count_module(module: nn.Module) -> ParamCount:
     """The parameter count of any module (dense and nonzero)."""
     return _count(module.parameters())
-
-
-def export(gm: fx.GraphModule) -> fx.GraphModule:
-    """The compact, plain-PyTorch GraphModule of a gated graph (eval mode)."""
-    return build_export(gm, plan_export(gm))

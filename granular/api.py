@@ -1,4 +1,5 @@
-"""``granular.prepare``: trace a model and gate it (trace -> find_units -> insert_gates)."""
+"""The two verbs around a search: :func:`prepare` (trace -> find_units -> insert_gates) and
+:func:`export` (the compact plain-PyTorch model of a gated graph)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,15 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.infra.pass_manager import PassManager
 
 from granular.config import GateConfig
 from granular.errors import GranularError
-from granular.gates import GATE_ROOT
-from granular.passes.find_units import FindUnits
-from granular.passes.insert_gates import InsertGates
+from granular.masks import gate_bank
+from granular.passes.export import build_export, plan_export
+from granular.passes.pipelines import gate_pipeline
 from granular.passes.trace import AUTO_LEAVES, trace
 
-__all__ = ["prepare"]
+__all__ = ["prepare", "export"]
 
 
 def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
@@ -44,12 +44,8 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     """
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                auto_leaf=auto_leaf)
-    pm = PassManager(passes=[FindUnits(config or GateConfig()), InsertGates()], steps=1)
-    try:
-        gm = pm(gm).graph_module
-    except Exception as err:  # PassManager wraps every error: surface the pass's own
-        raise (err.__cause__ or err) from None
-    bank = getattr(gm, GATE_ROOT)
+    gm = gate_pipeline(gm, config)
+    bank = gate_bank(gm)
     if not (len(bank.op) or len(bank.filter) or len(bank.weight)):
         whole = sorted({row["type"] for row in gm.meta.get(AUTO_LEAVES, [])})
         kept = f" (kept whole because they do not trace: {', '.join(whole)})" if whole else ""
@@ -57,3 +53,13 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
                             f"and every conv/linear has fixed channels or is the stem/head; check the model with "
                             f"`granular inspect`, or enable mask_stem/mask_head in GateConfig")
     return gm
+
+
+def export(gm: fx.GraphModule) -> fx.GraphModule:
+    """The compact, plain-PyTorch GraphModule of a gated graph (eval mode).
+
+    Pruned ops are gone, channels sliced, gates and BatchNorms folded and weight masks
+    applied; in eval mode it computes what ``gm`` does, and :func:`granular.count_params`
+    is its exact size (``docs/design.md``, invariants 1 and 2).
+    """
+    return build_export(gm, plan_export(gm))

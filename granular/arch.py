@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from granular.accounting import count_params
-from granular.gates import GATE_ROOT
+from granular.masks import gate_bank
 from granular.meta import LAYER, OP_UNIT
 from granular.passes.export import plan_export
 from granular.search_spaces import describe_op
@@ -24,7 +24,7 @@ __all__ = ["architecture"]
 def architecture(gm: fx.GraphModule) -> dict[str, Any]:
     """Summarise the architecture that ``export(gm)`` produces."""
     plan = plan_export(gm)
-    bank = getattr(gm, GATE_ROOT)
+    bank = gate_bank(gm)
     layers: dict[str, dict[str, Any]] = {}
     for n in gm.graph.nodes:
         info = n.meta.get(LAYER)

@@ -2,7 +2,7 @@
 
 Every config validates in ``__post_init__``, carries a version, and round-trips through JSON
 (:meth:`GranularConfig.to_json` / :meth:`GranularConfig.from_json`), so each run can write
-its resolved config next to its results (DESIGN.md).
+its resolved config next to its results.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from granular.errors import GranularError
 
-__all__ = ["GranularConfig", "GateConfig", "SearchConfig", "parse_size"]
+__all__ = ["GranularConfig", "GateConfig", "SearchConfig", "MultiStageConfig", "RetrainConfig", "parse_size"]
 
 
 class GranularConfig:
@@ -73,7 +73,7 @@ class GateConfig(GranularConfig):
         op_gates: gate operation units (branches that join a sum) with α.
         filter_gates: gate the output channels of conv/linear layers with β.
         weight_masks: mask conv/linear weights with ω.
-        mask_stem: also mask the layers that read the graph input (METHOD.md: stem
+        mask_stem: also mask the layers that read the graph input (the paper: stem
             weights are not gated).
         mask_head: also mask the layers whose outputs reach the graph output (the classifier).
     """
@@ -213,3 +213,56 @@ class SearchConfig(GranularConfig):
         self._check(self.kernels in ("auto", "on", "off"), "kernels must be 'auto', 'on' or 'off'")
         for name in ("lr_weights", "lr_gates", "lr_thresholds", "lr_t_omega"):
             self._check(getattr(self, name) >= 0, f"{name} must be non-negative")
+
+
+@dataclass
+class MultiStageConfig(SearchConfig):
+    """A :class:`SearchConfig` that always asks for the multi-stage driver (Algorithm 2 of the
+    paper): :func:`granular.search` dispatches on the config's type. ``multi_stage`` is "on"
+    unless given; ``single_resolution="fallback"`` still searches a model of one resolution
+    in one stage."""
+
+    multi_stage: str = "on"
+
+
+@dataclass
+class RetrainConfig(GranularConfig):
+    """How to retrain a discovered architecture.
+
+    Args:
+        arch: ``"exact"`` (the exported model) or ``"aligned"`` (METHOD.md's cell widths).
+        finetune: start from the searched weights instead of re-initialising.
+        epochs: training epochs.
+        batch_size: samples per batch.
+        lr: initial learning rate (cosine to 0).
+        momentum, weight_decay: SGD settings.
+        label_smoothing: cross-entropy label smoothing.
+        grad_clip: gradient-norm clip (0: none).
+        aux_weight: weight of the auxiliary head's loss (0: no head).
+        drop_path: drop-path probability on op branches, ramped linearly over the epochs (0: none).
+        augment: the data set's training augmentation (Cutout + AutoAugment for CIFAR).
+        seed: random seed.
+    """
+
+    arch: str = "exact"
+    finetune: bool = False
+    epochs: int = 50
+    batch_size: int = 96
+    lr: float = 0.025
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    label_smoothing: float = 0.0
+    grad_clip: float = 5.0
+    aux_weight: float = 0.0
+    drop_path: float = 0.0
+    augment: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        self._check(self.arch in ("exact", "aligned"), "arch must be 'exact' or 'aligned'")
+        self._check(self.epochs >= 1, "epochs must be at least 1")
+        self._check(self.batch_size >= 1, "batch_size must be at least 1")
+        self._check(self.lr > 0, "lr must be positive")
+        self._check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        self._check(self.aux_weight >= 0, "aux_weight must be non-negative")
+        self._check(0 <= self.drop_path < 1, "drop_path must be in [0, 1)")

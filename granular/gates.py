@@ -1,6 +1,6 @@
 """Gate modules: the α (operation), β (filter) and ω (weight) discretisation functions.
 
-For a scaled granularity parameter g and a learned threshold t, MG-DARTS (METHOD.md) uses
+For a scaled granularity parameter g and a learned threshold t, MG-DARTS (``docs/method.md``) uses
 ``M(g) = S(|g| - t) * g`` where S is a hard unit step whose gradient is the long-tailed
 estimator of Dynamic Sparse Training (Liu et al., ICLR 2020)::
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "long_tailed_step", "step_grad", "gate_reference", "weight_mask_reference", "OpGate", "FilterGate", "WeightMask", "Scope", "GateBank",
+    "long_tailed_step", "step_grad", "gate_value", "masked_weight", "gate_reference", "weight_mask_reference", "OpGate", "FilterGate", "WeightMask", "Scope", "GateBank",
     "GATE_ROOT",
 ]
 
@@ -102,11 +102,18 @@ class _MaskedWeight(torch.autograd.Function):
         return grad_w, grad_t, None
 
 
-def _gate_value(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, training: bool):
-    """The scaled gate ``M(σ(a))``: thresholded in training, stored mask only in eval."""
+def gate_value(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, training: bool):
+    """The scaled gate ``M(σ(a))``: thresholded in training, stored mask only in eval. The
+    gates use it, and so does the fused kernel module (:mod:`granular.kernels.module`)."""
     if training:
         return _SigmoidGate.apply(a, t, mask)
     return torch.sigmoid(a) * mask
+
+
+def masked_weight(w: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``stored * S(|w| - t) * w`` with the long-tailed gradient, as one autograd node: the
+    training-mode ω mask, which the kernels' reference twin also applies."""
+    return _MaskedWeight.apply(w, t, mask)
 
 
 def gate_reference(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -129,7 +136,7 @@ class OpGate(nn.Module):
         self.register_buffer("mask", torch.ones(()))
 
     def value(self, t_alpha: torch.Tensor) -> torch.Tensor:
-        return _gate_value(self.alpha, t_alpha, self.mask, self.training)
+        return gate_value(self.alpha, t_alpha, self.mask, self.training)
 
     def eval_value(self) -> torch.Tensor:
         """The committed gate value (what eval mode multiplies by), without gradient."""
@@ -152,7 +159,7 @@ class FilterGate(nn.Module):
         self.register_buffer("mask", torch.ones(channels))
 
     def value(self, t_beta: torch.Tensor) -> torch.Tensor:
-        return _gate_value(self.beta, t_beta, self.mask, self.training)
+        return gate_value(self.beta, t_beta, self.mask, self.training)
 
     def eval_value(self) -> torch.Tensor:
         """The committed gate values (what eval mode multiplies by), without gradient."""
@@ -183,7 +190,7 @@ class WeightMask(nn.Module):
 
     def forward(self, weight: torch.Tensor, t_omega: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return _MaskedWeight.apply(weight, t_omega, self.mask)
+            return masked_weight(weight, t_omega, self.mask)
         return weight * self.mask
 
 

@@ -1,6 +1,6 @@
 """``granular report RUN_DIR``: what a search kept, where, and how it got there.
 
-Reads a run directory written by ``granular search`` (:mod:`granular.run`) and writes, to
+Reads a run directory written by ``granular search`` (:mod:`granular.cli.rundir`) and writes, to
 ``RUN_DIR/report/`` (or ``--out``), each file atomically:
 
 - ``thresholds.png``: the mean threshold and the retention ratio of each granularity
@@ -23,36 +23,28 @@ are still written.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from granular._format import fmt_count, fmt_pct
 from granular.errors import GranularError
+from granular.files import CONFIG, METRICS, atomic_write, write_json
+from granular.plots import GRANULARITIES, plot_params, plot_retention, plot_thresholds, retention_matrix
 
-__all__ = ["Group", "report", "run_report", "load_metrics", "load_arch", "block_of", "group_arch",
-           "retention_matrix", "plot_thresholds", "plot_params", "plot_retention", "REPORT_DIR"]
+__all__ = ["Group", "report", "load_metrics", "load_arch", "block_of", "group_arch",
+           "retention_matrix", "plot_thresholds", "plot_params", "plot_retention", "REPORT_DIR", "GRANULARITIES"]
 
 REPORT_DIR = "report"
-METRICS = "metrics.jsonl"
 ARCH = "arch.json"
 THRESHOLDS_PNG = "thresholds.png"
 PARAMS_PNG = "params.png"
 RETENTION_PNG = "retention_by_cell.png"
 REPORT_JSON = "report.json"
-
-GRANULARITIES = (("op", "alpha", "op (α)"), ("filter", "beta", "filter (β)"), ("weight", "omega", "weight (ω)"))
-"""(retention key, threshold key, label) of each granularity, as ``metrics.jsonl`` names them."""
 
 _CELL = re.compile(r"^cells\.(\d+)$")
 
@@ -75,7 +67,7 @@ def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
                             f"granular search wrote (its --out)")
     path = run_dir / METRICS
     if not path.is_file():
-        if (run_dir / "config.json").is_file():
+        if (run_dir / CONFIG).is_file():
             raise GranularError(f"no {METRICS} in {run_dir}: the search has not finished an epoch yet; "
                                 f"run granular report again when it has")
         raise GranularError(f"no {METRICS} in {run_dir}: not a search run directory; run granular search "
@@ -146,16 +138,23 @@ def _model_val_accuracy(model_dir: Path) -> Optional[float]:
     return meta.get("metadata", {}).get("val_accuracy")
 
 
-def _reduction_cells(run_dir: Path, n_cells: int) -> set[int]:
-    """Indices of the reduction cells, when the run searched a registered DARTS space."""
+def _run_space(run_dir: Path):
+    """The registry entry (:class:`~granular.search_spaces.SpaceInfo`) of the search space the run
+    searched, or None (a ``model.py``, a zoo model, no config)."""
     try:
-        spec = json.loads((run_dir / "config.json").read_text()).get("spec", "")
+        spec = json.loads((run_dir / CONFIG).read_text()).get("spec", "")
     except (OSError, json.JSONDecodeError):
+        return None
+    from granular.search_spaces import space_info
+    return space_info(spec)
+
+
+def _reduction_cells(run_dir: Path, n_cells: int) -> set[int]:
+    """Indices of the reduction cells, when the run searched a registered space that has them."""
+    space = _run_space(run_dir)
+    if space is None or space.reduction_cells is None:
         return set()
-    if not (spec == "darts" or spec.startswith("darts:")):
-        return set()
-    from granular.search_spaces.darts import reduction_indices
-    return set(reduction_indices(n_cells))
+    return set(space.reduction_cells(n_cells))
 
 
 # ----------------------------------------------------------------------------- the tables
@@ -303,176 +302,9 @@ def _summary(rows: list[dict], arch: Optional[dict], val_accuracy: Optional[floa
             "finished": arch is not None}
 
 
-# ----------------------------------------------------------------------------- the plots
-def _series(rows: list[dict], key: str) -> list[float]:
-    """``key`` of each row as floats; NaN where a row lacks it (a gap in the line)."""
-    return [float(r[key]) if isinstance(r.get(key), (int, float)) else math.nan for r in rows]
-
-
-def _epochs(rows: list[dict]) -> list[int]:
-    return [int(r.get("epoch", i + 1)) for i, r in enumerate(rows)]
-
-
-def _warmup_spans(rows: list[dict]) -> list[tuple[int, int]]:
-    """(first, last) epoch of each run of warm-up epochs (one per stage in multi-stage runs)."""
-    spans: list[tuple[int, int]] = []
-    for epoch, r in zip(_epochs(rows), rows):
-        if not str(r.get("phase", "")).endswith("warmup"):
-            continue
-        if spans and spans[-1][1] == epoch - 1:
-            spans[-1] = (spans[-1][0], epoch)
-        else:
-            spans.append((epoch, epoch))
-    return spans
-
-
-def _mark_phases(ax, rows: list[dict]) -> None:
-    """Shade the warm-up epochs, draw a line at each stage end of a multi-stage run, and
-    keep the epoch ticks whole."""
-    for i, (first, last) in enumerate(_warmup_spans(rows)):
-        ax.axvspan(first - 0.5, last + 0.5, color="0.92", zorder=0, lw=0, label="warm-up" if i == 0 else None)
-    for epoch, r in zip(_epochs(rows), rows):
-        if isinstance(r.get("stage_end"), dict):
-            ax.axvline(epoch + 0.5, color="0.5", ls=":", lw=1)
-            ax.annotate(f"stage {r['stage_end'].get('stage', '?')} ends", (epoch + 0.5, 1),
-                        xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
-                        fontsize=7, color="0.4")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def plot_thresholds(rows: list[dict]) -> Figure:
-    """Fig. 8: per granularity, the mean threshold (left) and retention ratio (right) by epoch.
-
-    α and β thresholds compare with gate values in (0, 1), ω thresholds with weight
-    magnitudes, orders of magnitude smaller: ω has its own axis, on the right of the left
-    panel. Lines are labelled as in :data:`GRANULARITIES`; a threshold that no row
-    records (a model without ops has no α) is left out.
-    """
-    fig = Figure(figsize=(10, 4.3), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_t, ax_r = fig.subplots(1, 2, sharex=True)
-    x = _epochs(rows)
-    for i, (keep, thr, label) in enumerate(GRANULARITIES):
-        t = _series(rows, f"threshold_{thr}")
-        if not all(math.isnan(v) for v in t):
-            if thr == "omega":
-                ax_w = ax_t.twinx()
-                ax_w.plot(x, t, marker=".", ls="--", color=f"C{i}", label=label)
-                ax_w.set_ylabel("ω threshold (|weight|, dashed)")
-            else:
-                ax_t.plot(x, t, marker=".", color=f"C{i}", label=label)
-        ax_r.plot(x, _series(rows, f"keep_{keep}"), marker=".", color=f"C{i}", label=label)
-    ax_t.set(title="thresholds (mean over scopes)", xlabel="epoch", ylabel="α, β threshold (gate value)")
-    ax_r.set(title="retention ratio", xlabel="epoch", ylabel="fraction of units kept", ylim=(0, 1.05))
-    for ax in (ax_t, ax_r):
-        _mark_phases(ax, rows)
-        ax.grid(alpha=0.3)
-    fig.legend(*ax_r.get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=8)
-    return fig
-
-
-def plot_params(rows: list[dict]) -> Figure:
-    """Nonzero parameters against the target by epoch; pruning rounds are dots (filled where
-    the round landed on its goal), and multi-stage runs add each stage's count and goal, and
-    the ops regrown after a stage."""
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    x = _epochs(rows)
-    params = _series(rows, "params")
-    ax.plot(x, params, marker=".", label="nonzero parameters")
-    target = next((r["target"] for r in reversed(rows) if r.get("target") is not None), None)
-    if target is not None:
-        ax.axhline(target, color="C3", ls="--", label=f"target {fmt_count(target)}")
-    rounds = [(xe, p, bool(r.get("landed"))) for xe, p, r in zip(x, params, rows) if "round" in r]
-    if rounds:
-        ax.scatter([e for e, _, _ in rounds], [p for _, p, _ in rounds], s=40, zorder=3,
-                   facecolors=["C1" if landed else "none" for _, _, landed in rounds], edgecolors="C1",
-                   label="pruning round (filled: landed)")
-    if any(r.get("stage_params") is not None for r in rows):
-        ax.plot(x, _series(rows, "stage_params"), ls="-", marker=".", color="C2", alpha=0.7,
-                label="stage parameters")
-        ax.step(x, _series(rows, "stage_goal"), where="mid", color="C2", ls="--", alpha=0.7, label="stage goal")
-    for epoch, p, r in zip(x, params, rows):
-        regrown = (r.get("regrowth") or {}).get("regrown_ops") or []
-        if regrown:
-            ax.annotate(f"+{len(regrown)} ops regrown", (epoch, p), xytext=(4, 8), textcoords="offset points",
-                        fontsize=7, color="C2")
-    _mark_phases(ax, rows)
-    ax.set(title="parameters", xlabel="epoch", ylabel="nonzero parameters")
-    ax.set_ylim(bottom=0)
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_count(v)))
-    ax.grid(alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
-    return fig
-
-
-def retention_matrix(groups: list[Group]) -> tuple[list[str], list[str], list[list[float]]]:
-    """The heat map's (rows, columns, values): for DARTS cells, the fraction of each op type
-    kept, then filter and weight retention; for other models, one column per granularity.
-    NaN where a group has nothing of a column."""
-    nan = math.nan
-    darts = [g for g in groups if g.op_types]
-    if darts:
-        from granular.search_spaces.darts import PRIMITIVES
-        seen = {op for g in darts for op in g.op_types}
-        types = [op for op in PRIMITIVES if op in seen] + sorted(seen - set(PRIMITIVES))
-        values = [[(g.op_types[t][0] / g.op_types[t][1]) if t in g.op_types else nan for t in types]
-                  + [_nan(g.filter_retention), _nan(g.weight_retention)] for g in darts]
-        return [g.label for g in darts], types + ["filters", "weights"], values
-    values = [[_nan(g.op_retention), _nan(g.filter_retention), _nan(g.weight_retention)] for g in groups]
-    return [g.label for g in groups], ["ops", "filters", "weights"], values
-
-
-def _nan(v: Optional[float]) -> float:
-    return math.nan if v is None else v
-
-
-def plot_retention(groups: list[Group]) -> Figure:
-    """Fig. 9: a heat map of :func:`retention_matrix`, each square annotated with its value."""
-    rows, cols, values = retention_matrix(groups)
-    fig = Figure(figsize=(1.6 + 0.95 * len(cols), 1.4 + 0.42 * len(rows)), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    im = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            if not math.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                        color="black" if v > 0.6 else "white")
-    if cols[-2:] == ["filters", "weights"] and len(cols) > 3:
-        ax.axvline(len(cols) - 2.5, color="white", lw=3)
-    ax.set_title("fraction kept per cell and op type" if len(cols) > 3 else "fraction kept per block")
-    fig.colorbar(im, ax=ax, label="retention")
-    return fig
-
-
 # ----------------------------------------------------------------------------- writing
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _save_figure(fig: Figure, path: Path) -> None:
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-
-
-def _save_json(obj: Any, path: Path) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    _write_atomic(path, write)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -508,7 +340,8 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None)
             missing.append("model/model.safetensors")
         n_cells = len({op["cell"] for op in arch.get("ops", []) if "cell" in op})
         groups, total = group_arch(arch, tensors, _reduction_cells(run_dir, n_cells) if n_cells else set())
-        figures["retention_by_cell"] = (plot_retention(groups), RETENTION_PNG)
+        space = _run_space(run_dir)
+        figures["retention_by_cell"] = (plot_retention(groups, space.op_order if space else None), RETENTION_PNG)
     files = {key: str(out / name) for key, (_, name) in figures.items()}
     files["report"] = str(out / REPORT_JSON)
     result = {"run_dir": str(run_dir), "files": files,
@@ -519,70 +352,8 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None)
     try:
         for fig, name in figures.values():
             _save_figure(fig, out / name)
-        _save_json(result, out / REPORT_JSON)
+        write_json(out / REPORT_JSON, result)
     except OSError as err:
         raise GranularError(f"cannot write the report to {out} ({err.strerror}): pass --out DIR somewhere "
                             f"writable") from None
     return result
-
-
-# ----------------------------------------------------------------------------- the command
-def _ratio(part: int, whole: int) -> str:
-    return f"{part}/{whole}" if whole else "-"
-
-
-def _op_types(g: Group) -> str:
-    return "\n".join(f"{op} ×{kept}" for op, (kept, _) in sorted(g.op_types.items()) if kept) or "-"
-
-
-def _print_tables(console, result: dict[str, Any]) -> None:
-    """One row per cell (or block) and a total: ops kept of all, the op types kept (DARTS),
-    filter and weight retention, nonzero parameters."""
-    from rich.table import Table
-
-    darts = result["grouped_by"] == "cell"
-    t = Table(title=f"kept per {result['grouped_by']}")
-    for col in ("cell" if darts else "block", "ops", *(["op types kept"] if darts else []),
-                "filters", "weights", "params"):
-        t.add_column(col, justify="left" if col in ("cell", "block", "op types kept") else "right", no_wrap=True)
-    for g in [*result["groups"], result["total"]]:
-        group = Group.from_dict(g)
-        if group.name == "total":
-            t.add_section()
-        t.add_row(group.label, _ratio(group.ops_kept, group.ops_total), *([_op_types(group)] if darts else []),
-                  fmt_pct(group.filter_retention), fmt_pct(group.weight_retention),
-                  "-" if group.params is None else fmt_count(group.params))
-    console.print(t)
-
-
-def _summary_line(s: dict[str, Any]) -> str:
-    params = "-" if s["params"] is None else f"{fmt_count(s['params'])} ({s['params']:,})"
-    target = "" if s["target"] is None else (
-        f" vs target {fmt_count(s['target'])}: " + ("[green]met[/]" if s["target_met"] else "[yellow]not met[/]"))
-    what = "final" if s["finished"] else f"so far (epoch {s['epochs']}, search not finished)"
-    return (f"[bold]{what}[/]: {params} nonzero parameters{target}; val accuracy {fmt_pct(s['val_accuracy'])} "
-            f"({s['val_accuracy_of']}); {s['epochs']} epochs, {s['rounds']} pruning rounds")
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """The ``granular report`` command: print the tables and summary, write the plots."""
-    from rich.console import Console
-
-    console = Console()
-    result = report(args.run_dir, args.out)
-    run_dir = Path(args.run_dir)
-    if result["grouped_by"] is not None:
-        _print_tables(console, result)
-    else:
-        out = Path(result["files"]["report"]).parent.resolve()
-        held = ", ".join(sorted(p.name + "/" * p.is_dir() for p in run_dir.iterdir() if p.resolve() != out))
-        Console(stderr=True).print(f"[yellow]no {ARCH} in {run_dir} (it holds {held or 'nothing else'}): the "
-                                   f"search has not finished; the plots of the log are written, the tables "
-                                   f"come with {ARCH}[/]", highlight=False, soft_wrap=True)
-    if "model/model.safetensors" in result["missing"]:
-        Console(stderr=True).print(f"[yellow]no model/model.safetensors in {run_dir}: weights and parameters "
-                                   f"per block are left out; granular export {run_dir} writes it[/]",
-                                   highlight=False, soft_wrap=True)
-    console.print(_summary_line(result["summary"]), highlight=False, soft_wrap=True)
-    console.print("wrote " + ", ".join(result["files"].values()), highlight=False, soft_wrap=True)
-    return 0

@@ -1,7 +1,8 @@
 """Test helpers for gated graphs: random masks, open gates, randomised norms.
 
 These drive the invariant tests (export equivalence, exact accounting, inert gates) and are
-public so that users can check their own models the same way.
+public so that users can check their own models the same way. ``protect_last_ops_`` and
+``gate_units`` live in :mod:`granular.masks` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,50 +17,11 @@ import torch.fx as fx
 from torch import nn
 
 from granular.accounting import ParamCount
-from granular.gates import GATE_ROOT, FilterGate, OpGate, WeightMask
-from granular.meta import GATE, SUM
+from granular.gates import FilterGate, OpGate, WeightMask
+from granular.masks import gate_bank, gate_units, protect_last_ops_
 
 __all__ = ["random_masks_", "open_gates_", "randomize_norms_", "protect_last_ops_", "check_export",
            "ExportCheck", "gate_units"]
-
-
-def _bank(gm: fx.GraphModule):
-    if not hasattr(gm, GATE_ROOT):
-        raise RuntimeError("the module has no gates: run granular.prepare first")
-    return getattr(gm, GATE_ROOT)
-
-
-def protect_last_ops_(gm: fx.GraphModule, prefer: dict[str, float] | None = None) -> list[str]:
-    """Re-open one op on every sum whose inputs are all pruned op units.
-
-    Args:
-        gm: a gated graph.
-        prefer: score per op-unit key; the best-scored pruned op is re-opened (else the first).
-
-    Returns:
-        The keys of the ops re-opened.
-    """
-    bank = _bank(gm)
-    by_name = {n.name: n for n in gm.graph.nodes}
-    reopened = []
-    for n in gm.graph.nodes:
-        info = n.meta.get(SUM)
-        if info is None:
-            continue
-        leaves = [by_name[i] for i in info.inputs if i in by_name]
-        keys = []
-        for leaf in leaves:
-            g = leaf.meta.get(GATE)
-            if g is None or g.kind != "op":
-                keys = None  # a non-unit input keeps the sum alive
-                break
-            keys.append(g.key)
-        if not keys or any(float(bank.op[k].mask) != 0 for k in keys):
-            continue
-        best = max(keys, key=lambda k: (prefer or {}).get(k, 0.0)) if prefer else keys[0]
-        bank.op[best].mask.fill_(1.0)
-        reopened.append(best)
-    return reopened
 
 
 @torch.no_grad()
@@ -76,7 +38,7 @@ def random_masks_(gm: fx.GraphModule, op: float = 0.3, filter: float = 0.3, weig
     values are not all equal. Every sum keeps at least one operation (last-op protection).
     """
     gen = torch.Generator().manual_seed(seed)
-    bank = _bank(gm)
+    bank = gate_bank(gm)
     for m in bank.op.values():
         m.mask.copy_((torch.rand((), generator=gen) >= op).float())
         m.alpha.copy_(torch.randn((), generator=gen))
@@ -92,8 +54,8 @@ def random_masks_(gm: fx.GraphModule, op: float = 0.3, filter: float = 0.3, weig
 @torch.no_grad()
 def open_gates_(gm: fx.GraphModule) -> fx.GraphModule:
     """Open every gate fully: σ = 1, masks 1, thresholds 0. The gated graph then computes
-    exactly what the ungated one does (DESIGN.md invariant 4)."""
-    bank = _bank(gm)
+    exactly what the ungated one does (``docs/design.md``, invariant 4)."""
+    bank = gate_bank(gm)
     for m in bank.modules():
         if isinstance(m, OpGate):
             m.alpha.fill_(60.0)
@@ -125,7 +87,7 @@ def randomize_norms_(module: nn.Module, seed: int = 0) -> nn.Module:
 
 @dataclass
 class ExportCheck:
-    """What :func:`check_export` found for one model (DESIGN.md invariants 1 and 2).
+    """What :func:`check_export` found for one model (``docs/design.md``, invariants 1 and 2).
 
     Attributes:
         ok: every check passed.
@@ -158,13 +120,6 @@ def _flat_outputs(out) -> list[torch.Tensor]:
     return []
 
 
-def gate_units(gm: fx.GraphModule) -> dict[str, int]:
-    """How many units each granularity gates: op units, filters, weights."""
-    bank = _bank(gm)
-    return {"op": len(bank.op), "filter": sum(m.mask.numel() for m in bank.filter.values()),
-            "weight": sum(m.mask.numel() for m in bank.weight.values())}
-
-
 @torch.no_grad()
 def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float = 1e-4,
                  leaf_modules=(), auto_leaf: bool = False, reload: bool = False, op: float = 0.3,
@@ -178,8 +133,8 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
     The model is deep-copied and its norms get random statistics (so folding is exercised);
     the caller's model is not changed. Errors are caught and reported in ``reason``.
     """
-    from granular.accounting import count_module, count_params, export
-    from granular.api import prepare
+    from granular.accounting import count_module, count_params
+    from granular.api import export, prepare
     from granular.passes.trace import AUTO_LEAVES
 
     model = copy.deepcopy(model).eval()

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from granular.gates import _gate_value
+from granular.gates import gate_value
 
 __all__ = ["GatedConv2d"]
 
@@ -97,7 +97,7 @@ class GatedConv2d(nn.Module):
             t = t_omega
         scale = None
         for param, thr, mask in gates:
-            g = _gate_value(param, thr, mask, self.training)
+            g = gate_value(param, thr, mask, self.training)
             scale = g if scale is None else scale * g
         if scale is not None and scale.dim() == 0:
             scale = scale.expand(w.shape[0])

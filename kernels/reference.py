@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from granular.gates import _MaskedWeight
+from granular.gates import masked_weight
 
 __all__ = ["masked_conv2d_reference", "is_depthwise"]
 
@@ -39,7 +39,7 @@ def masked_conv2d_reference(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, w
                             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                             groups: int) -> torch.Tensor:
     """Masked, gated conv2d on the active channels only (see the module docstring)."""
-    weff = _MaskedWeight.apply(w, t, wmask)
+    weff = masked_weight(w, t, wmask)
     depthwise = is_depthwise(x, w, groups)
     if groups != 1 and not depthwise:
         raise ValueError(f"masked_conv2d supports groups=1 and depthwise convs, not groups={groups}")

@@ -261,7 +261,7 @@ def _weight_epilogue(g_ptr, w_ptr, m_ptr, t_ptr, scale_ptr, in_idx_ptr, out_idx_
     """From G: dw (step estimator), dt = -Σ d·w and dscale[k] = <W_eff[k], G[k]>.
 
     With ``x = |w| - t``, ``keep = mask·1[x >= 0]``, ``dW_eff = G·scale[k]`` and
-    ``d = dW_eff·mask·S'(x)``: ``dw = dW_eff·keep + d·|w|`` (as ``granular.gates._MaskedWeight``).
+    ``d = dW_eff·mask·S'(x)``: ``dw = dW_eff·keep + d·|w|`` (as ``granular.gates.masked_weight``).
     """
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)

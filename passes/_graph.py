@@ -67,7 +67,8 @@ _MOVE_FUNCS = {torch.permute, torch.transpose, torch.swapaxes, torch.reshape, to
 _MOVE_METHODS = {"permute", "transpose", "swapaxes", "view", "reshape", "flatten", "unflatten", "squeeze",
                  "unsqueeze", "narrow", "flip", "roll", "expand", "movedim", "select", "contiguous"} | _SPLIT_METHODS
 _MOVE_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
-_ADD_TARGETS = {operator.add, torch.add, operator.iadd}
+ADD_TARGETS = frozenset({operator.add, torch.add, operator.iadd})
+"""Every target of a binary add: the one set sums, skips and fusions test against."""
 _MUL_TARGETS = {operator.mul, torch.mul, operator.imul}
 _DIV_TARGETS = {operator.truediv, torch.div}
 
@@ -140,7 +141,7 @@ def layer_view(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None
 
 def is_add(node: fx.Node) -> bool:
     """A binary add of two tensors of the same shape (a candidate sum)."""
-    if node.op == "call_function" and node.target in _ADD_TARGETS:
+    if node.op == "call_function" and node.target in ADD_TARGETS:
         pass
     elif node.op == "call_method" and node.target in ("add", "add_", "__add__"):
         pass

@@ -19,6 +19,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from granular.passes._manager import run_passes
+
 __all__ = ["DecomposeNormAct", "decompose_norm_act"]
 
 
@@ -63,12 +65,9 @@ class DecomposeNormAct(PassBase):
             node.replace_all_uses_with(act)
             gm.graph.erase_node(node)
             changed = True
-        if changed:
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, changed)
 
 
 def decompose_norm_act(gm: fx.GraphModule) -> fx.GraphModule:
     """Functional form of :class:`DecomposeNormAct`."""
-    return DecomposeNormAct()(gm).graph_module
+    return run_passes(gm, [DecomposeNormAct()])

@@ -30,6 +30,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from granular.config import GateConfig
 from granular.meta import LAYER, MEMBER, OP_UNIT, SUM, LayerInfo, OpUnit
 from granular.passes._channels import analyze_channels
+from granular.passes._manager import run_passes
 from granular.passes._graph import Kind, find_sums, layer_view, node_kind, shared_layer_paths
 
 __all__ = ["FindUnits", "find_units", "sanitize"]
@@ -188,4 +189,4 @@ def _gate_would_precede_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def find_units(gm: fx.GraphModule, config: GateConfig | None = None) -> fx.GraphModule:
     """Functional form of :class:`FindUnits`; returns ``gm`` (annotated in place)."""
-    return FindUnits(config)(gm).graph_module
+    return run_passes(gm, [FindUnits(config)])

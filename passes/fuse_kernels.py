@@ -27,7 +27,6 @@ Convs that are not groups=1 or depthwise, 1-d convs and string paddings are left
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -38,12 +37,13 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.gates import FilterGate
 from granular.meta import GATE, tensor_shape
+from granular.passes._graph import ADD_TARGETS
+from granular.passes._manager import run_passes
 
 __all__ = ["FuseKernels", "fuse_kernels", "KERNEL_ROOT"]
 
 KERNEL_ROOT = "granular_kernels"
 _CONVS = (torch.conv2d, F.conv2d)
-_ADDS = (operator.add, operator.iadd, torch.add)
 _RELUS = (F.relu, torch.relu, torch.relu_)
 
 
@@ -145,8 +145,6 @@ class FuseKernels(PassBase):
                     graph.erase_node(n)
             fused += 1
         graph.eliminate_dead_code()
-        graph.lint()
-        gm.recompile()
         return PassResult(gm, fused > 0)
 
     @staticmethod
@@ -208,7 +206,7 @@ def _zero_clauses(gm: fx.GraphModule, n, memo: dict) -> Optional[list[list[fx.No
         result = [[n]] if inner is None else [clause + [n] for clause in inner]
     elif _passes_zero(gm, n):
         result = _zero_clauses(gm, n.args[0], memo)
-    elif n.op == "call_function" and n.target in _ADDS and len(n.args) == 2 and not n.kwargs:
+    elif n.op == "call_function" and n.target in ADD_TARGETS and len(n.args) == 2 and not n.kwargs:
         a, b = (_zero_clauses(gm, v, memo) for v in n.args)
         shapes = {tensor_shape(v) if isinstance(v, fx.Node) else None for v in n.args}
         if a is not None and b is not None and len(shapes) == 1:
@@ -229,4 +227,4 @@ def _attr_shape(gm: fx.GraphModule, n: fx.Node) -> Optional[tuple[int, ...]]:
 
 def fuse_kernels(gm: fx.GraphModule, enabled: Optional[bool] = None, use_kernel: Optional[bool] = None) -> fx.GraphModule:
     """Functional form of :class:`FuseKernels`; returns ``gm`` (rewritten in place when it fuses)."""
-    return FuseKernels(enabled, use_kernel)(gm).graph_module
+    return run_passes(gm, [FuseKernels(enabled, use_kernel)])

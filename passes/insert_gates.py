@@ -32,6 +32,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.gates import GATE_ROOT, FilterGate, GateBank, OpGate, Scope, WeightMask
 from granular.meta import GATE, LAYER, MEMBER, OP_UNIT, SUM, GateInfo, LayerInfo, layer_info
+from granular.passes._manager import run_passes
 from granular.passes._graph import Kind, find_sums, layer_view, node_kind
 from granular.passes.find_units import sanitize
 
@@ -108,8 +109,6 @@ class InsertGates(PassBase):
 
         for root, sinfo in find_sums(gm).items():
             root.meta[SUM] = sinfo
-        graph.lint()
-        gm.recompile()
         log.info("insert_gates: %d op, %d filter, %d weight gates", len(bank.op), len(bank.filter), len(bank.weight))
         return PassResult(gm, True)
 
@@ -140,4 +139,4 @@ class InsertGates(PassBase):
 
 def insert_gates(gm: fx.GraphModule) -> fx.GraphModule:
     """Functional form of :class:`InsertGates`; returns ``gm`` (rewritten in place)."""
-    return InsertGates()(gm).graph_module
+    return run_passes(gm, [InsertGates()])

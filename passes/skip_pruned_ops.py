@@ -20,19 +20,18 @@ Before/after, one edge with two ops of which ``pool`` was pruned::
 
 from __future__ import annotations
 
-import operator
 
-import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.gates import GATE_ROOT
 from granular.meta import GATE, tensor_shape
+from granular.passes._graph import ADD_TARGETS
+from granular.passes._manager import run_passes
 
 __all__ = ["SkipPrunedOps", "skip_pruned_ops", "share_graph"]
 
-_ADDS = (operator.add, operator.iadd, torch.add)
 
 
 def share_graph(gm: fx.GraphModule, graph: fx.Graph, extra: dict[str, nn.Module] | None = None,
@@ -69,7 +68,7 @@ class SkipPrunedOps(PassBase):
         zero = {env[n] for n in gm.graph.nodes if _dead_gate(gm, n)}
         changed = bool(zero)
         for n in list(graph.nodes):
-            if n.op != "call_function" or n.target not in _ADDS or len(n.args) != 2 or n.kwargs:
+            if n.op != "call_function" or n.target not in ADD_TARGETS or len(n.args) != 2 or n.kwargs:
                 continue
             a, b = n.args
             za, zb = a in zero, b in zero
@@ -82,10 +81,9 @@ class SkipPrunedOps(PassBase):
                     graph.erase_node(n)
         result = share_graph(gm, graph, class_name="LiveGraph")
         result.graph.eliminate_dead_code()
-        result.recompile()
         return PassResult(result, changed)
 
 
 def skip_pruned_ops(gm: fx.GraphModule) -> fx.GraphModule:
     """Functional form of :class:`SkipPrunedOps`: the live training graph of ``gm``."""
-    return SkipPrunedOps()(gm).graph_module
+    return run_passes(gm, [SkipPrunedOps()])

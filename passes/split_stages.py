@@ -33,10 +33,11 @@ from torch.fx.passes.split_module import split_module
 
 from granular.meta import MEMBER, OP_UNIT, tensor_shape
 from granular.passes._graph import layer_view
+from granular.passes._manager import run_passes
 from granular.passes.skip_pruned_ops import share_graph
 
 __all__ = ["STAGE", "AUX_HEAD", "assign_stages", "SplitStages", "split_stages", "count_resolutions",
-           "stage_boundary", "stage_graph"]
+           "stage_boundary", "stage_graph", "StageGraph"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,17 @@ def stage_boundary(gm: fx.GraphModule, stage: int) -> fx.Node:
     return found
 
 
+class StageGraph(PassBase):
+    """Transform (on a copy): stages ``0..stage`` ending in ``head`` (see :func:`stage_graph`)."""
+
+    def __init__(self, stage: int, head: nn.Module):
+        super().__init__()
+        self.stage, self.head = stage, head
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        return PassResult(_stage_graph(gm, self.stage, self.head), True)
+
+
 def stage_graph(gm: fx.GraphModule, stage: int, head: nn.Module) -> fx.GraphModule:
     """Stages ``0..stage`` of ``gm`` as one GraphModule that ends in ``head`` (submodule
     :data:`AUX_HEAD`) on :func:`stage_boundary`.
@@ -149,6 +161,10 @@ def stage_graph(gm: fx.GraphModule, stage: int, head: nn.Module) -> fx.GraphModu
     holds none of the later stages: moving it to a device moves only what it computes, which is
     where multi-stage search saves memory. Nodes that do not reach the boundary are dropped.
     """
+    return run_passes(gm, [StageGraph(stage, head)])
+
+
+def _stage_graph(gm: fx.GraphModule, stage: int, head: nn.Module) -> fx.GraphModule:
     end = stage_boundary(gm, stage)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -163,5 +179,4 @@ def stage_graph(gm: fx.GraphModule, stage: int, head: nn.Module) -> fx.GraphModu
     graph.output(out)
     sub = share_graph(gm, graph, {AUX_HEAD: head}, class_name=f"Stage{stage}Graph")
     sub.graph.eliminate_dead_code()
-    sub.recompile()
     return sub

@@ -11,6 +11,10 @@ as searched by MG-DARTS), presets ``tiny``, ``small`` (the default) and ``large`
 ``mobilenet`` (``search_spaces/mobilenet.py``: the journal paper's 17-layer MobileNet-like
 space, described by block strings), presets ``imagenet`` (the default) and ``tiny``.
 
+Each entry also carries what reports need to know about the space: how to describe a module
+path inside a candidate op (``describe_op``: its cell, op type and edge), the op types in
+display order (``op_order``), and which cells are reduction cells (``reduction_cells``).
+
 Example::
 
     from granular.search_spaces import build_search_space
@@ -22,7 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch.nn as nn
 
@@ -34,20 +38,41 @@ __all__ = [
     "get_search_space",
     "build_search_space",
     "describe_op",
+    "space_info",
+    "op_order",
+    "SpaceInfo",
 ]
+
+
+class SpaceInfo(NamedTuple):
+    """What the registry knows about a search space besides its builder.
+
+    Attributes:
+        describe_op: ``fn(module_path) -> {"cell": ..., "op": ..., ...} or None``.
+        op_order: the op types in the order reports show them.
+        reduction_cells: ``fn(n_cells) -> indices`` of the reduction cells, or None.
+    """
+
+    describe_op: Callable[[str], dict | None] | None = None
+    op_order: tuple[str, ...] = ()
+    reduction_cells: Callable[[int], Sequence[int]] | None = None
 
 
 class _Entry(NamedTuple):
     builder: Callable[..., nn.Module]
     presets: dict[str, dict]
     default_preset: str | None
+    info: SpaceInfo = SpaceInfo()
 
 
 _SEARCH_SPACES: dict[str, _Entry] = {}
 
 
 def register_search_space(name: str, *, presets: Mapping[str, Mapping] | None = None,
-                          default_preset: str | None = None) -> Callable:
+                          default_preset: str | None = None,
+                          describe_op: Callable[[str], dict | None] | None = None,
+                          op_order: Sequence[str] = (),
+                          reduction_cells: Callable[[int], Sequence[int]] | None = None) -> Callable:
     """Decorator that registers a search-space builder under ``name``.
 
     Args:
@@ -55,6 +80,9 @@ def register_search_space(name: str, *, presets: Mapping[str, Mapping] | None = 
         presets: Optional ``{preset: builder kwargs}``, resolvable as ``name:preset``.
         default_preset: Preset used for the bare ``name``; ``None`` means the builder's own
             defaults.
+        describe_op: Where a module path lies in the space (see :class:`SpaceInfo`).
+        op_order: The space's op types, in the order reports show them.
+        reduction_cells: The indices of the reduction cells of a net of ``n`` cells.
 
     Returns:
         A decorator that registers ``fn`` and returns it unchanged.
@@ -71,7 +99,8 @@ def register_search_space(name: str, *, presets: Mapping[str, Mapping] | None = 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _SEARCH_SPACES:
             warnings.warn(f"overwriting search space {name!r}", stacklevel=2)
-        _SEARCH_SPACES[name] = _Entry(fn, presets, default_preset)
+        _SEARCH_SPACES[name] = _Entry(fn, presets, default_preset,
+                                      SpaceInfo(describe_op, tuple(op_order), reduction_cells))
         return fn
 
     return decorator
@@ -137,10 +166,30 @@ def build_search_space(spec: str, num_classes: int, in_channels: int,
     return builder(num_classes, in_channels, **overrides)
 
 
+def space_info(spec: str) -> Optional[SpaceInfo]:
+    """The :class:`SpaceInfo` of the space a spec names (``name`` or ``name:preset``), or None
+    when the spec is not a registered space (a ``model.py``, a zoo model)."""
+    entry = _SEARCH_SPACES.get(str(spec).strip().partition(":")[0])
+    return entry.info if entry is not None else None
+
+
+def op_order() -> list[str]:
+    """Every registered space's op types, in registration and display order."""
+    out: list[str] = []
+    for entry in _SEARCH_SPACES.values():
+        out.extend(op for op in entry.info.op_order if op not in out)
+    return out
+
+
 def describe_op(module_path: str) -> dict | None:
     """Where a module path lies in a search space: ``{"cell": ..., "op": ...}`` (plus ``edge``
-    for DARTS), or None outside any space's candidate ops. Reports group by these."""
-    for describe in (_darts.describe_op, _mobilenet.describe_op):
+    for DARTS), or None outside any registered space's candidate ops. Reports group by these."""
+    seen = set()
+    for entry in _SEARCH_SPACES.values():
+        describe = entry.info.describe_op
+        if describe is None or describe in seen:
+            continue
+        seen.add(describe)
         found = describe(module_path)
         if found:
             return found

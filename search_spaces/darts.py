@@ -392,7 +392,8 @@ DARTS_PRESETS: dict[str, dict[str, int]] = {
 """Preset sizes: ``small`` and ``large`` are the MG-DARTS CIFAR-10 settings."""
 
 
-@register_search_space("darts", presets=DARTS_PRESETS, default_preset="small")
+@register_search_space("darts", presets=DARTS_PRESETS, default_preset="small", describe_op=describe_op,
+                       op_order=PRIMITIVES, reduction_cells=reduction_indices)
 def darts(num_classes: int, in_channels: int, *, cells: int = 8, C: int = 24, nodes: int = 4,
           stem_multiplier: int = 3) -> DartsSearchNet:
     """Build a DARTS search network (see :class:`DartsSearchNet`)."""

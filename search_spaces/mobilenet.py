@@ -228,7 +228,7 @@ MOBILENET_PRESETS: dict[str, dict] = {
 }
 
 
-@register_search_space("mobilenet", presets=MOBILENET_PRESETS, default_preset="imagenet")
+@register_search_space("mobilenet", presets=MOBILENET_PRESETS, default_preset="imagenet", describe_op=describe_op)
 def mobilenet(num_classes: int, in_channels: int, *, arch: Sequence[str] = MOBILENET_ARCH, stem: int = 32,
               head: int = 1280, stem_stride: int = 2) -> MobileNetSpace:
     """Build the MobileNet-like super-net (see :class:`MobileNetSpace`)."""

@@ -33,8 +33,7 @@ import granular
 from granular.config import SearchConfig
 from granular.data import load_data
 from granular.errors import DataError
-from granular.multistage import MultiStageSearcher
-from granular.search import Searcher
+from granular.driver import MultiStageSearcher, Searcher
 
 TESTS = Path(__file__).resolve().parent
 WORLD = 2

@@ -16,10 +16,11 @@ from granular.config import SearchConfig
 from granular.data import load_data
 from granular.errors import GranularError
 from granular.meta import tensor_shape
-from granular.multistage import MultiStageSearcher, _allocate
+from granular.driver.multistage import MultiStageSearcher, _allocate
 from granular.passes.skip_pruned_ops import skip_pruned_ops
 from granular.passes.split_stages import AUX_HEAD, assign_stages, stage_boundary, stage_graph
-from granular.search import CHECKPOINT, Searcher, make_searcher
+from granular.driver import Searcher, make_searcher
+from granular.files import CHECKPOINT
 from granular.search_spaces import build_search_space
 from granular.testing import random_masks_
 

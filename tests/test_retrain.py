@@ -9,7 +9,8 @@ import torch
 
 import granular
 from granular.cli import main
-from granular.retrain import RetrainConfig, _alignment_width, aligned_, build_retrain_model
+from granular.config import RetrainConfig
+from granular.retrain import _alignment_width, aligned_, build_retrain_model
 from granular.search_spaces import build_search_space, describe_op
 
 from _models import USER_MODELS
@@ -143,7 +144,7 @@ def test_filter_pruned_model_trains_from_scratch_and_its_zeros_stay_zero():
     compact, _ = build_retrain_model(gm, RetrainConfig(epochs=2))
     zeros = {n: (p == 0).clone() for n, p in compact.named_parameters() if p.dim() > 1 and bool((p == 0).any())}
     assert zeros
-    out = train_compact(compact, data, RetrainConfig(epochs=2), progress=False)
+    out = train_compact(compact, data, RetrainConfig(epochs=2))
     assert out["history"][-1]["train_acc"] > 0.6
     params = dict(compact.named_parameters())
     assert all(bool((params[n][z] == 0).all()) for n, z in zeros.items())

@@ -10,7 +10,8 @@ from granular.cli import main
 from granular.config import SearchConfig
 from granular.data import load_data
 from granular.errors import TargetError
-from granular.search import Searcher, check_target, reachable_floor
+from granular.driver import Searcher, check_target
+from granular.masks import reachable_floor
 
 from _models import USER_MODELS, user_model
 

@@ -11,7 +11,7 @@ and 2, that the export is smaller, and that it saves and reloads without its cla
 import pytest
 import torch
 
-from granular.hub import build_zoo_model, default_input
+from granular.spec import build_zoo_model, default_input
 from granular.testing import check_export
 
 SUBSET = {

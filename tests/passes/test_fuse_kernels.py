@@ -152,7 +152,7 @@ def test_search_on_the_fused_path_prunes_what_the_eager_search_prunes():
     modules, and takes the same decisions as the eager search."""
     from granular.config import SearchConfig
     from granular.data import load_data
-    from granular.search import Searcher
+    from granular.driver import Searcher
 
     from _models import user_model
 

@@ -1,16 +1,12 @@
-"""Run directories: what ``granular search`` and ``granular export`` do around the driver.
+"""``granular search SPEC``: build the model and data, run the driver, write the run directory.
 
-A run directory holds ``config.json`` (the resolved config), ``checkpoint.pt`` (atomic,
-each epoch), ``metrics.jsonl`` (one row per epoch), ``arch.json`` and ``model/`` (the compact
-model: ``model.py`` + ``model.safetensors``, loadable without granular).
+Under ``torchrun`` every process runs it, data-parallel (:mod:`granular.distributed`), and
+rank 0 alone writes the run directory (:mod:`granular.cli.rundir`) and prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +15,17 @@ from rich.console import Console
 
 from granular import distributed
 from granular._format import fmt_count, fmt_pct
-from granular.api import prepare
 from granular.arch import architecture
+from granular.cli import EXIT_TARGET_MISSED
+from granular.cli.rundir import ARCH, CHECKPOINT, CONFIG, MODEL_DIR, build_run, default_run_dir, load_run_config
 from granular.config import SearchConfig, parse_size
-from granular.data import load_data
+from granular.driver import check_kernels, check_target, make_searcher, single_resolution_message, use_multi_stage
 from granular.errors import CheckpointError, GranularError
+from granular.files import write_json
 from granular.io import save
-from granular.multistage import single_resolution_message, use_multi_stage
 from granular.passes.split_stages import count_resolutions
-from granular.search import CHECKPOINT, check_kernels, check_target, make_searcher
-from granular.spec import build_model, resolve_leaves, spec_name
 
-__all__ = ["run_search", "run_export", "RUN_CONFIG", "write_json_atomic"]
-
-RUN_CONFIG = "config.json"
-EXIT_TARGET_MISSED = 3
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+__all__ = ["run"]
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,30 +39,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _load_run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / RUN_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a granular run directory (no {RUN_CONFIG}): check --out")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is corrupt ({err.msg}): delete the run directory to start over") from None
-
-
-def _build(run: dict[str, Any]):
-    """Data, gated graph and config from a resolved run config."""
-    data = load_data(run["dataset"], batch_size=run["search"]["batch_size"], seed=run["search"]["seed"],
-                     root=run.get("data_root"), augment=run.get("augment", False))
-    torch.manual_seed(run["search"]["seed"])
-    model = build_model(run["spec"], num_classes=data.num_classes, in_channels=data.in_channels,
-                        image_size=data.image_size)
-    cfg = SearchConfig.from_dict(run["search"])
-    gm = prepare(model, data.example_input(), cfg.gates, leaf_modules=resolve_leaves(model, run.get("leaf") or []),
-                 auto_leaf=run.get("auto_leaf", False))
-    return data, gm, cfg
-
-
-def run_search(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``granular search``; under ``torchrun`` every process runs it, data-parallel
     (:mod:`granular.distributed`), and rank 0 alone writes the run directory and prints."""
     ours = not distributed.is_distributed()  # a process group the caller started is the caller's to end
@@ -93,9 +54,9 @@ def run_search(args: argparse.Namespace) -> int:
 def _run_search(args: argparse.Namespace, device: torch.device) -> int:
     main = distributed.is_main()
     console = Console(stderr=True, quiet=not main)
-    run_dir = Path(args.out) if args.out else Path("runs") / spec_name(args.spec)
+    run_dir = Path(args.out) if args.out else default_run_dir(args.spec)
     if args.resume:
-        run = _load_run_config(run_dir)
+        run = load_run_config(run_dir)
         if not (run_dir / CHECKPOINT).is_file():
             raise CheckpointError(f"nothing to resume in {run_dir}: no {CHECKPOINT}; run without --resume")
         if args.epochs is not None:  # the one setting a resumed run may change: how long it may go on
@@ -105,7 +66,7 @@ def _run_search(args: argparse.Namespace, device: torch.device) -> int:
                                 f"{parse_size(args.target_params):,}: drop --target-params to resume, or start "
                                 f"a new run with --out NEW_DIR")
     else:
-        if (run_dir / CHECKPOINT).exists() or (run_dir / RUN_CONFIG).exists():
+        if (run_dir / CHECKPOINT).exists() or (run_dir / CONFIG).exists():
             raise GranularError(f"{run_dir} already holds a search: continue it with --resume, or pass "
                                 f"--out NEW_DIR")
         if args.target_params is None:
@@ -116,7 +77,7 @@ def _run_search(args: argparse.Namespace, device: torch.device) -> int:
                "leaf": args.leaf or [], "auto_leaf": args.auto_leaf,
                "search": cfg.to_dict(), "granular_version": _version()}
     distributed.per_rank_batch(run["search"]["batch_size"])  # the global batch must split over the processes
-    data, gm, cfg = _build(run)
+    data, gm, cfg = build_run(run)
     if not args.resume:
         now, floor = check_target(gm, cfg.target_params)
         check_kernels(cfg, device)
@@ -136,57 +97,26 @@ def _run_search(args: argparse.Namespace, device: torch.device) -> int:
         distributed.barrier()  # every rank has seen the directory empty before rank 0 fills it
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / RUN_CONFIG, run)
+        write_json(run_dir / CONFIG, run)
     searcher = make_searcher(gm, data, cfg, run_dir=run_dir, progress=not args.no_progress, device=device)
     if args.resume:
         searcher.resume(run_dir / CHECKPOINT)
         console.print(f"resuming {run_dir} at epoch {searcher.state['epoch']}", highlight=False)
     result = searcher.run()
     if main:
-        write_json_atomic(run_dir / "arch.json", architecture(result.gm))
-        save(result.compact, run_dir / "model", metadata={"spec": run["spec"], "dataset": run["dataset"],
+        write_json(run_dir / ARCH, architecture(result.gm))
+        save(result.compact, run_dir / MODEL_DIR, metadata={"spec": run["spec"], "dataset": run["dataset"],
                                                            "target_params": cfg.target_params,
                                                            "val_accuracy": result.val_accuracy})
     distributed.barrier()  # the others wait for rank 0's files
     p = result.params
     console.print(f"compact model: {fmt_count(p.nonzero)} nonzero parameters ({p.nonzero:,}; dense "
                   f"{p.total:,}), target {cfg.target_params:,}, val accuracy {fmt_pct(result.val_accuracy)}, "
-                  f"saved to {run_dir / 'model'}", highlight=False)
+                  f"saved to {run_dir / MODEL_DIR}", highlight=False)
     if not result.reached:
         console.print(f"target not reached after {result.epochs} epochs: continue with "
                       f"--resume --epochs {result.epochs * 2}", highlight=False)
         return EXIT_TARGET_MISSED
-    return 0
-
-
-def load_searched(run_dir: Path, *, batch_size: int | None = None, augment: bool | None = None):
-    """``(run config, data, gated graph)`` of a search run directory, with the searched state
-    (masks, weights, thresholds) loaded from its checkpoint. ``batch_size`` and ``augment``
-    override the search's data settings (retraining uses its own)."""
-    run = _load_run_config(run_dir)
-    if not (run_dir / CHECKPOINT).is_file():
-        raise CheckpointError(f"no {CHECKPOINT} in {run_dir}: run `granular search` (or --resume it) first")
-    data, gm, cfg = _build(run)
-    searcher = make_searcher(gm, data, cfg, run_dir=None, progress=False)
-    searcher.resume(run_dir / CHECKPOINT)
-    if batch_size is not None or augment is not None:
-        data = load_data(run["dataset"], batch_size=batch_size or cfg.batch_size, seed=cfg.seed,
-                         root=run.get("data_root"), augment=run.get("augment", False) if augment is None else augment)
-    gm.cpu()
-    return run, data, gm
-
-
-def run_export(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    if getattr(args, "finetune", False):
-        from granular.retrain import run_retrain
-        return run_retrain(args, finetune_only=True)
-    run, data, gm = load_searched(run_dir)
-    from granular.accounting import export
-    out = Path(args.out) if args.out else run_dir / "model"
-    compact = export(gm)
-    save(compact, out, metadata={"spec": run["spec"], "dataset": run["dataset"]})
-    Console(stderr=True).print(f"exported to {out}", highlight=False)
     return 0
 
 

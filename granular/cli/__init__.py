@@ -8,6 +8,10 @@
 
 Bad input prints one line (``error: ...``) and exits with status 2; a search that ends
 without meeting its target exits with status 3 (its best model is still exported).
+
+This package is the only part of granular that knows argparse, rich console output and run
+directories: one module per command (``search``, ``export``, ``retrain``, ``inspect``,
+``report``) and :mod:`granular.cli.rundir` for the run-directory layout.
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_BAD_INPUT", "EXIT_TARGET_MISSED"]
 
 EXIT_BAD_INPUT = 2
 EXIT_TARGET_MISSED = 3
+
+_COMMANDS = {"search": "granular.cli.search", "inspect": "granular.cli.inspect", "retrain": "granular.cli.retrain",
+             "report": "granular.cli.report", "export": "granular.cli.export"}
+"""command -> the module whose ``run(args)`` carries it out (imported on use: ``--help`` stays fast)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("retrain", help="train the discovered architecture from scratch and report its accuracy")
     r.add_argument("run_dir")
     r.add_argument("--arch", choices=("exact", "aligned"), default=None,
-                   help="exact: the exported model (default); aligned: one width per cell (METHOD.md)")
+                   help="exact: the exported model (default); aligned: one width per cell (docs/method.md)")
     r.add_argument("--finetune", action="store_true", help="start from the searched weights, not from scratch")
     r.add_argument("--out", default=None, help="default RUN_DIR/retrain (RUN_DIR/retrain-aligned)")
     _train_options(r, epochs_help="epochs (default 50)")
@@ -91,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_options(p: argparse.ArgumentParser, epochs_help: str) -> None:
-    """Options shared by ``retrain`` and ``export --finetune`` (granular.retrain.RetrainConfig)."""
+    """Options shared by ``retrain`` and ``export --finetune`` (:class:`granular.config.RetrainConfig`)."""
     p.add_argument("--epochs", type=int, default=None, help=epochs_help)
     p.add_argument("--batch-size", type=int, default=None, help="default 96")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate, cosine to 0 (default 0.025)")
@@ -111,29 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from granular.errors import GranularError
     try:
-        if args.command == "search":
-            from granular.run import run_search
-            return run_search(args)
-        if args.command == "inspect":
-            from granular.inspection import run_inspect
-            return run_inspect(args)
-        if args.command == "retrain":
-            from granular.retrain import run_retrain
-            return run_retrain(args)
-        if args.command == "report":
-            from granular.report import run_report
-            return run_report(args)
-        if args.command == "export":
-            from granular.run import run_export
-            return run_export(args)
+        import importlib
+        return importlib.import_module(_COMMANDS[args.command]).run(args)
     except GranularError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
         return 130
-    return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

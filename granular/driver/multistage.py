@@ -1,4 +1,4 @@
-"""Multi-stage search: Algorithm 2 of METHOD.md, on top of the single-stage driver.
+"""Multi-stage search: Algorithm 2 of the paper, on top of the single-stage driver.
 
 The gated graph is split by resolution (:func:`~granular.passes.split_stages.assign_stages`)
 into n stages (3 by default). The search then runs n + 1 phases:
@@ -18,7 +18,7 @@ into n stages (3 by default). The search then runs n + 1 phases:
 * **final**: the whole network, every stage pruned every e2 epochs, to the parameter target.
 
 The pruned ops of every phase are skipped by the training graph
-(:func:`~granular.passes.skip_pruned_ops.skip_pruned_ops`): that, with the later stages
+(:func:`~granular.passes.pipelines.training_graph`): that, with the later stages
 left out, is where the memory goes down. Each phase has at most its share of the epochs
 left, ``remaining // phases left`` (but never less than one warm-up plus one round).
 
@@ -45,12 +45,11 @@ import torch.fx as fx
 from granular import distributed
 from granular.accounting import ParamCount, count_params, count_params_by_stage
 from granular.errors import GranularError
+from granular.driver.searcher import Searcher
 from granular.gates import GATE_ROOT
 from granular.heads import aux_head_for
 from granular.meta import GATE, MEMBER, tensor_shape
-from granular.passes.skip_pruned_ops import skip_pruned_ops
 from granular.passes.split_stages import assign_stages, count_resolutions, stage_boundary, stage_graph
-from granular.search import Searcher
 
 __all__ = ["MultiStageSearcher", "use_multi_stage", "single_resolution_message"]
 
@@ -95,8 +94,8 @@ def _cell_and_type(path: str) -> tuple[str, str]:
 
 
 class MultiStageSearcher(Searcher):
-    """Algorithm 2 (see the module docstring). Use :func:`granular.search` with
-    ``multi_stage`` in the config unless you need the pieces."""
+    """Algorithm 2 (see the module docstring). Use :func:`granular.search` with a
+    :class:`~granular.config.MultiStageConfig` (or ``multi_stage``) unless you need the pieces."""
 
     def setup(self) -> None:
         if count_resolutions(self.gm) < 2:
@@ -140,10 +139,9 @@ class MultiStageSearcher(Searcher):
         return stage_graph(self.gm, self.phase, self.head)
 
     def build_net(self) -> fx.GraphModule:
-        live = skip_pruned_ops(self.gm)
         if self.phase >= self.n_stages - 1:
-            return self.fuse(live)
-        return self.fuse(stage_graph(live, self.phase, self.head))
+            return super().build_net()
+        return super().build_net(stage=self.phase, head=self.head)
 
     def enter_phase(self, phase: int, fresh: bool) -> None:
         """Build phase ``phase``'s head, optimisers and training graph; ``fresh`` also resets

@@ -1,0 +1,28 @@
+"""``granular export RUN_DIR``: write the compact model of a searched run again
+(``--finetune``: fine-tuned from the searched weights first, see :mod:`granular.cli.retrain`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from granular.api import export
+from granular.cli.rundir import MODEL_DIR, load_searched
+from granular.io import save
+
+__all__ = ["run"]
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if getattr(args, "finetune", False):
+        from granular.cli.retrain import run as run_retrain
+        return run_retrain(args, finetune_only=True)
+    run_cfg, data, gm = load_searched(run_dir)
+    out = Path(args.out) if args.out else run_dir / MODEL_DIR
+    compact = export(gm)
+    save(compact, out, metadata={"spec": run_cfg["spec"], "dataset": run_cfg["dataset"]})
+    Console(stderr=True).print(f"exported to {out}", highlight=False)
+    return 0

@@ -1,0 +1,124 @@
+"""The gate bank's stored masks: access, last-op protection, the reachable floor, retention
+and unit counts.
+
+The stored 0/1 masks of ``gm.granular_gates`` are the architecture: pruning rounds, tests and
+reports read and write them here, through one accessor (:func:`gate_bank`). See
+``docs/design.md`` for what each granularity's unit is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from granular.errors import GranularError
+from granular.gates import GATE_ROOT, GateBank
+from granular.meta import GATE, SUM
+
+__all__ = ["gate_bank", "mask_buffers", "protect_last_ops_", "reachable_floor", "retention", "unit_counts",
+           "gate_units", "threshold_means"]
+
+
+def gate_bank(gm: fx.GraphModule) -> GateBank:
+    """``gm``'s gate bank (every gate, mask and threshold).
+
+    Raises:
+        GranularError: ``gm`` has no gates (it is not the result of :func:`granular.prepare`).
+    """
+    if not hasattr(gm, GATE_ROOT):
+        raise GranularError("the model has no gates: pass the result of granular.prepare(model, inputs)")
+    return getattr(gm, GATE_ROOT)
+
+
+def mask_buffers(bank: GateBank) -> dict[str, torch.Tensor]:
+    """Every stored mask of ``bank``, by state-dict key (the buffers themselves, not copies)."""
+    return {k: v for k, v in bank.named_buffers() if k.endswith("mask")}
+
+
+def protect_last_ops_(gm: fx.GraphModule, prefer: dict[str, float] | None = None) -> list[str]:
+    """Re-open one op on every sum whose inputs are all pruned op units.
+
+    Args:
+        gm: a gated graph.
+        prefer: score per op-unit key; the best-scored pruned op is re-opened (else the first).
+
+    Returns:
+        The keys of the ops re-opened.
+    """
+    bank = gate_bank(gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    reopened = []
+    for n in gm.graph.nodes:
+        info = n.meta.get(SUM)
+        if info is None:
+            continue
+        leaves = [by_name[i] for i in info.inputs if i in by_name]
+        keys = []
+        for leaf in leaves:
+            g = leaf.meta.get(GATE)
+            if g is None or g.kind != "op":
+                keys = None  # a non-unit input keeps the sum alive
+                break
+            keys.append(g.key)
+        if not keys or any(float(bank.op[k].mask) != 0 for k in keys):
+            continue
+        best = max(keys, key=lambda k: (prefer or {}).get(k, 0.0)) if prefer else keys[0]
+        bank.op[best].mask.fill_(1.0)
+        reopened.append(best)
+    return reopened
+
+
+@torch.no_grad()
+def reachable_floor(gm: fx.GraphModule):
+    """The smallest count pruning can reach: every prunable unit removed, one op kept per
+    sum, one channel kept per tensor. Returns a :class:`~granular.accounting.ParamCount`."""
+    from granular.accounting import count_params
+
+    bank = gate_bank(gm)
+    saved = {k: v.clone() for k, v in mask_buffers(bank).items()}
+    try:
+        for v in mask_buffers(bank).values():
+            v.zero_()
+        protect_last_ops_(gm)
+        return count_params(gm)
+    finally:
+        bank.load_state_dict({**bank.state_dict(), **saved})
+
+
+def _fraction(masks) -> float:
+    masks = list(masks)
+    tot = sum(m.numel() for m in masks)
+    return float(sum(float(m.sum()) for m in masks) / tot) if tot else 1.0
+
+
+def retention(gm: fx.GraphModule) -> dict[str, float]:
+    """Fraction of units kept (stored mask 1) per granularity."""
+    bank = gate_bank(gm)
+    return {"op": _fraction(m.mask for m in bank.op.values()),
+            "filter": _fraction(m.mask for m in bank.filter.values()),
+            "weight": _fraction(m.mask for m in bank.weight.values())}
+
+
+def unit_counts(gm_or_bank) -> dict[str, int]:
+    """Units kept (stored mask 1) per granularity."""
+    b = gm_or_bank if isinstance(gm_or_bank, GateBank) else gate_bank(gm_or_bank)
+    return {"op": int(sum(float(m.mask) for m in b.op.values())),
+            "filter": int(sum(float(m.mask.sum()) for m in b.filter.values())),
+            "weight": int(sum(float(m.mask.sum()) for m in b.weight.values()))}
+
+
+def gate_units(gm: fx.GraphModule) -> dict[str, int]:
+    """How many units each granularity gates (kept or not): op units, filters, weights."""
+    bank = gate_bank(gm)
+    return {"op": len(bank.op), "filter": sum(m.mask.numel() for m in bank.filter.values()),
+            "weight": sum(m.mask.numel() for m in bank.weight.values())}
+
+
+def threshold_means(gm: fx.GraphModule) -> dict[str, float]:
+    """The mean of each threshold (``t_alpha``, ``t_beta``, ``t_omega``) over the scopes that have it."""
+    bank = gate_bank(gm)
+    out = {}
+    for t in ("t_alpha", "t_beta", "t_omega"):
+        vals = [getattr(s, t).item() for s in bank.scopes.values() if hasattr(s, t)]
+        out[t] = sum(vals) / len(vals) if vals else float("nan")
+    return out

@@ -1,0 +1,31 @@
+"""How passes run: a ``torch.fx`` :class:`PassManager` with one shared check after each pass.
+
+Passes do not lint or recompile by themselves. The manager recompiles the GraphModule after
+every pass and then runs :func:`check_graph` on it; an error inside a pass surfaces as the
+pass's own exception (the manager's wrapper, which names the pass, is its cause chain).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_manager import PassManager
+
+__all__ = ["check_graph", "run_passes"]
+
+
+def check_graph(gm: fx.GraphModule) -> None:
+    """The check after every pass: the graph is well formed (``Graph.lint``)."""
+    if isinstance(gm, fx.GraphModule):
+        gm.graph.lint()
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[Callable]) -> fx.GraphModule:
+    """Run ``passes`` in order, once each, recompiling and checking after each one."""
+    pm = PassManager(passes=list(passes), steps=1, run_checks_after_each_pass=True)
+    pm.add_checks(check_graph)
+    try:
+        return pm(gm).graph_module
+    except Exception as err:  # PassManager wraps every error: surface the pass's own
+        raise (err.__cause__ or err) from None

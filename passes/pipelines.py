@@ -1,0 +1,45 @@
+"""The pass pipelines the library runs, each a ``PassManager`` run (:mod:`._manager`).
+
+    prepare:         find_units -> insert_gates                       (after trace)
+    training graph:  skip_pruned_ops -> [stage_graph] -> fuse_kernels  (what a search trains)
+
+The training graph is rebuilt whenever op masks change; it shares every module and parameter
+with the gated graph, so training it trains the gated graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+from torch import nn
+
+from granular.config import GateConfig
+from granular.passes._manager import run_passes
+from granular.passes.find_units import FindUnits
+from granular.passes.fuse_kernels import FuseKernels
+from granular.passes.insert_gates import InsertGates
+from granular.passes.skip_pruned_ops import SkipPrunedOps
+from granular.passes.split_stages import StageGraph
+
+__all__ = ["gate_pipeline", "training_graph", "KERNEL_MODES"]
+
+KERNEL_MODES = {"auto": None, "on": True, "off": False}
+"""``SearchConfig.kernels`` -> :class:`FuseKernels`'s ``enabled``."""
+
+
+def gate_pipeline(gm: fx.GraphModule, config: Optional[GateConfig] = None) -> fx.GraphModule:
+    """The traced graph with its units found and gated (``granular.prepare`` after tracing)."""
+    return run_passes(gm, [FindUnits(config or GateConfig()), InsertGates()])
+
+
+def training_graph(gm: fx.GraphModule, *, kernels: str = "auto", stage: Optional[int] = None,
+                   head: Optional[nn.Module] = None) -> fx.GraphModule:
+    """The graph a search trains: ``gm`` without its pruned ops, cut after ``stage`` into
+    ``head`` when given (a multi-stage phase), with its gated convs on the fused Triton op
+    when ``kernels`` asks for it (``"auto"``: on CUDA with triton only)."""
+    passes = [SkipPrunedOps()]
+    if stage is not None:
+        passes.append(StageGraph(stage, head))
+    passes.append(FuseKernels(enabled=KERNEL_MODES[kernels]))
+    return run_passes(gm, passes)
