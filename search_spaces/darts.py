@@ -2,7 +2,7 @@
 
 This is the "search network" of DARTS (Liu, Simonyan, Yang, *DARTS: Differentiable
 Architecture Search*, ICLR 2019, arXiv:1806.09055), in the form MG-DARTS (multi-granularity
-architecture search, see ``papers/mg-darts-tnnls.txt`` and ``/work/shared/METHOD.md``)
+architecture search, IEEE TNNLS; ``docs/method.md``)
 searches over: cells of ``nodes`` intermediate nodes, every node fed by an edge from every
 earlier state, every edge carrying all seven candidate operations.
 
@@ -381,8 +381,8 @@ def describe_op(module_path: str) -> dict | None:
     return {"cell": cell, "edge": f"e{src}_{dst}", "src": src, "dst": dst, "op": op}
 
 
-# Registration. Imported at the end of ``granular.search_spaces``, after the registry exists.
-from granular.search_spaces import register_search_space  # noqa: E402
+# Registration (``granular.search_spaces`` imports this module).
+from granular.search_spaces._registry import register_search_space  # noqa: E402
 
 DARTS_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"cells": 3, "C": 8},  # CPU-sized: a real search on 8x8 digits in minutes

@@ -215,8 +215,8 @@ def describe_op(module_path: str) -> dict | None:
     return {"cell": int(m.group(1)), "op": m.group(2)}
 
 
-# Registration. Imported at the end of ``granular.search_spaces``, after the registry exists.
-from granular.search_spaces import register_search_space  # noqa: E402
+# Registration (``granular.search_spaces`` imports this module).
+from granular.search_spaces._registry import register_search_space  # noqa: E402
 
 MOBILENET_PRESETS: dict[str, dict] = {
     # ImageNet: the 17-layer layout at full width.

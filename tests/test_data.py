@@ -189,11 +189,11 @@ def test_cifar_root_defaults_to_env(tmp_path, monkeypatch):
 def test_cifar_transforms_shapes():
     from PIL import Image
 
-    from granular.data import _cifar_transforms
+    from granular.datasets import cifar_transforms
 
     image = Image.new("RGB", (32, 32), (120, 60, 200))
     for kind, patch in (("cifar10", 16), ("cifar100", 8)):
-        train_tf, val_tf = _cifar_transforms(kind, augment=True)
+        train_tf, val_tf = cifar_transforms(kind, augment=True)
         assert val_tf(image).shape == (3, 32, 32)
         out = train_tf(image)
         assert out.shape == (3, 32, 32)

@@ -97,7 +97,7 @@ def test_overrides():
 
 
 def test_register_warns_on_overwrite(monkeypatch):
-    monkeypatch.setattr(ss, "_SEARCH_SPACES", dict(ss._SEARCH_SPACES))
+    monkeypatch.setattr(ss._registry, "_SEARCH_SPACES", dict(ss._registry._SEARCH_SPACES))
 
     def toy(num_classes, in_channels, width=2):
         return nn.Linear(in_channels * width, num_classes)
