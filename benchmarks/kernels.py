@@ -1,4 +1,4 @@
-"""Fused masked conv against the eager gated conv and cuDNN (KERNELS.md benchmark protocol).
+"""Fused masked conv against the eager gated conv and cuDNN (``docs/kernels.md``, "Benchmark protocol").
 
 For each layer shape and kept fraction f of input and output channels (the same f for both;
 the rest are hard-pruned: stored masks 0), it times forward, backward and forward+backward of

@@ -12,7 +12,7 @@ without the original class, and computes the same. It prints the pass fraction p
     python benchmarks/zoo.py --models timm:resnet10t torchvision:alexnet
     python benchmarks/zoo.py --markdown docs/coverage.md
 
-Goals (issue 3): at least 90% of timm families and 95% of torchvision classification models
+Goals: at least 90% of timm families and 95% of torchvision classification models
 pass every check; operation units are found in every family with residual blocks.
 """
 

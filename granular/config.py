@@ -111,7 +111,7 @@ def parse_size(value: str | int | float) -> int:
 
 @dataclass
 class SearchConfig(GranularConfig):
-    """Algorithm 1 of METHOD.md (adaptive pruning), with its defaults.
+    """Algorithm 1 of the paper (adaptive pruning, ``docs/method.md``), with its defaults.
 
     Args:
         target_params: stop when the exported model's nonzero parameters are at or below this.
@@ -141,7 +141,7 @@ class SearchConfig(GranularConfig):
         gates: which units get gates.
         seed: random seed.
         multi_stage: ``"auto"`` (multi-stage search when the model has 3 or more
-            resolutions), ``"on"`` or ``"off"`` (Algorithm 2 of METHOD.md).
+            resolutions), ``"on"`` or ``"off"`` (Algorithm 2, ``docs/method.md``).
         single_resolution: what ``multi_stage="on"`` does with a model of one resolution:
             ``"stop"`` with an error, or ``"fallback"`` to a single-stage search.
         stages: the most stages; smaller resolutions merge into the last.
@@ -230,7 +230,7 @@ class RetrainConfig(GranularConfig):
     """How to retrain a discovered architecture.
 
     Args:
-        arch: ``"exact"`` (the exported model) or ``"aligned"`` (METHOD.md's cell widths).
+        arch: ``"exact"`` (the exported model) or ``"aligned"`` (the paper's cell widths, ``docs/method.md``).
         finetune: start from the searched weights instead of re-initialising.
         epochs: training epochs.
         batch_size: samples per batch.

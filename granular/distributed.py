@@ -7,7 +7,7 @@ torch.distributed.run ... -m granular.cli search ...``) starts N processes with 
 process's device; without those variables it does nothing and every helper here is a no-op,
 so a single process runs exactly the code it ran before.
 
-What the driver (:mod:`granular.search`) does with these helpers:
+What the driver (:mod:`granular.driver`) does with these helpers:
 
 * **gradients**: :func:`all_reduce_grads` averages every gradient after ``backward`` (see its
   docstring for why this is an explicit all-reduce and not a ``DistributedDataParallel``

@@ -1,4 +1,4 @@
-"""Auxiliary heads for multi-stage search (METHOD.md, Algorithm 2, step 3).
+"""Auxiliary heads for multi-stage search (``docs/method.md``, Algorithm 2, step 2).
 
 While stage s trains, the stages after it do not exist, so the classifier cannot be reached:
 an auxiliary head on the stage's last feature map stands in for it. The head is

@@ -1,7 +1,7 @@
 """Namespaced ``node.meta`` keys and the frozen records stored under them.
 
 Analyses write these entries; transforms and the driver read them through the accessors
-below, which fail with "run X first" when an analysis has not run (STYLE.md 1c, 3).
+below, which fail with "run X first" when an analysis has not run (``docs/design.md``, "Conventions").
 
 Keys:
     ``granular.layer``     :class:`LayerInfo` on every conv/linear node.

@@ -1,4 +1,4 @@
-"""Triton kernels and their pure-PyTorch reference twins (the GPU hot path; see KERNELS.md).
+"""Triton kernels and their pure-PyTorch reference twins (the GPU hot path; see ``docs/kernels.md``).
 
 Nothing here imports triton at import time, and ``import granular`` does not import this
 package's kernels: :func:`masked_conv2d` loads ``granular.kernels.ops`` (which registers

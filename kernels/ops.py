@@ -22,10 +22,10 @@ __all__ = ["masked_conv2d_op", "tile_config"]
 
 
 def tile_config(dtype: torch.dtype, depthwise: bool) -> dict:
-    """Tile sizes: one fixed config (the interpreter cannot autotune over several; KERNELS.md §4).
+    """Tile sizes: one fixed config (the interpreter cannot autotune over several; ``docs/kernels.md``, "Testing without a GPU").
 
     The interpreter runs program instances one after another, so there fewer, larger tiles
-    along pixels pay. ``num_warps`` stays at 4 (the conv miscompile at 8, KERNELS.md §1).
+    along pixels pay. ``num_warps`` stays at 4 (the conv miscompile at 8, ``docs/kernels.md``, "Why a custom kernel").
     """
     if tk.INTERPRET:
         return {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_C": 16, "num_warps": 4}

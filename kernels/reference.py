@@ -1,7 +1,7 @@
 """``masked_conv2d_reference``: the pure-PyTorch twin of the fused masked, gated conv.
 
 It defines what the Triton kernels compute, forward and backward, and is both the CPU path
-and the test oracle (DESIGN.md invariant 5). Semantics, for ``K`` output channels::
+and the test oracle (``docs/design.md``, invariant 5). Semantics, for ``K`` output channels::
 
     W_eff = w * wmask * S(|w| - t)                        # ω mask, step-estimator gradient
     y[:, k] = scale[k] * conv(x[:, in_idx], W_eff[k, in_idx]) + shift[k]   for k in out_idx
@@ -11,7 +11,7 @@ and the test oracle (DESIGN.md invariant 5). Semantics, for ``K`` output channel
 ``granular.kernels.active``). Skipping the rest is exact wherever the skipped input
 channels are exactly zero and the skipped output channels are multiplied by zero later,
 and the gradients of every parameter stay exact: a skipped weight gets gradient zero, which
-is what its stored zero mask gives it anyway (KERNELS.md §3 and "Skipping pruned channels").
+is what its stored zero mask gives it anyway (``docs/kernels.md``, "Gate gradients without saved outputs" and "What the op computes").
 
 Depthwise convs (``groups == C_in == C_out``) use ``out_idx`` for both sides.
 """

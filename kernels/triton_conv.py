@@ -1,4 +1,4 @@
-"""Triton kernels for the masked, gated, channel-skipping conv2d (KERNELS.md, "Recommended design").
+"""Triton kernels for the masked, gated, channel-skipping conv2d (``docs/kernels.md``, "Design").
 
 Importing this module imports triton; ``granular.kernels`` imports it lazily. Set
 ``TRITON_INTERPRET=1`` *before* importing it to run the kernels on CPU tensors.
@@ -17,7 +17,7 @@ Kernels (semantics in :mod:`granular.kernels.reference`):
   pixels with fp32 atomics.
 - ``_weight_epilogue``: from ``G`` alone, the weight gradient through the long-tailed step
   estimator, the threshold gradient and the gate gradient
-  ``dscale[k] = <W_eff[k], G[k]>`` (KERNELS.md §3), so no pre-gate output is ever saved.
+  ``dscale[k] = <W_eff[k], G[k]>`` (``docs/kernels.md``, "Gate gradients without saved outputs"), so no pre-gate output is ever saved.
 
 fp32 dots use TF32 exactly when cuDNN convs would (``torch.backends.cudnn.allow_tf32``).
 Addressing is stride-generic (NCHW or channels-last activations); weights, masks and ``G``

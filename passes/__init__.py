@@ -1,4 +1,4 @@
-"""FX passes, one job each (DESIGN.md data flow)::
+"""FX passes, one job each (``docs/design.md``, "Data flow")::
 
     trace        (passes/trace.py)         model -> GraphModule with tensor_meta
     find_units   (passes/find_units.py)    analysis: sums, op units, gated layers -> node.meta

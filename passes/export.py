@@ -3,7 +3,7 @@
 Requires: a graph gated by ``insert_gates`` (``granular.gate`` meta). Reads the gates'
 eval-mode values (the architecture committed at the last pruning round).
 
-Steps, each exact in eval mode (DESIGN.md invariant 1):
+Steps, each exact in eval mode (``docs/design.md``, invariant 1):
 
 1. **Remove pruned operations.** An α gate at zero makes its input of the sum zero: the
    input is dropped from the sum and the branch's nodes die with it.

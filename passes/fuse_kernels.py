@@ -9,7 +9,7 @@ triton) it returns the graph unchanged, unless ``enabled=True`` (tests, ``TRITON
 The eager gated conv materialises ``w * mask(w)``, runs the dense conv over pruned
 channels too, then multiplies by the filter and op gates, each a kernel that autograd saves
 for. The fused op loads the weight mask with the weight tiles, computes only the channels
-that can be non-zero, and applies the gates in its epilogue (KERNELS.md).
+that can be non-zero, and applies the gates in its epilogue (``docs/kernels.md``).
 
 Patterns (``wm`` is the ω gate; brackets are optional)::
 

@@ -16,7 +16,7 @@ Before/after on one DARTS op (sep_conv's last conv; ``t_*`` are get_attr nodes):
                                          add = add_0 + og
 
 The filter gate follows the layer's BatchNorm when one follows directly (a gate before the
-norm would be cancelled by it in training mode, METHOD.md); the α gate follows the op's
+norm would be cancelled by it in training mode, ``docs/method.md``); the α gate follows the op's
 last node. Gated convs become functional (``torch.conv2d``) so the mask is a visible node.
 """
 

@@ -5,7 +5,7 @@ Produces: ``granular.stage`` (an int) on every node, and a GraphModule whose sub
 ``submod_0``, ``submod_1``, ... are the stages, called in order by its top-level graph
 (``torch.fx.passes.split_module``). Composing the stages computes what the unsplit graph did.
 
-Stage assignment (METHOD.md, Algorithm 2, step 1):
+Stage assignment (``docs/method.md``, Algorithm 2, step 1):
 
 1. A node's *resolution stage* is the number of resolutions that conv layers produce which
    are larger than its output's spatial size (so a pad stays at its level); tensors without spatial dims (a classifier) take the last

@@ -10,6 +10,6 @@ import torch
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set before any test imports
 # granular.kernels.ops. Without CUDA, the kernels then run on CPU tensors in triton's interpreter
-# (KERNELS.md §4). It changes nothing else: fuse_kernels' default still fuses only on CUDA.
+# (docs/kernels.md, "Testing without a GPU"). It changes nothing else: fuse_kernels' default still fuses only on CUDA.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

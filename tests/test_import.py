@@ -1,4 +1,4 @@
-"""`import granular` stays light: no triton, no CUDA initialisation (STYLE.md 9)."""
+"""`import granular` stays light: no triton, no CUDA initialisation (docs/design.md, "Layers")."""
 
 import subprocess
 import sys

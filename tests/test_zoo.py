@@ -4,7 +4,7 @@ Twelve small models that between them cover the graph shapes the passes must han
 residual blocks, depthwise and grouped convs, concatenation (DenseNet, Inception-style
 fire modules, GhostNet), split + channel shuffle (ShuffleNet), squeeze-excite, a
 channels-last LayerNorm MLP (ConvNeXt) and attention (a tiny ViT). Each one is prepared,
-pruned at random at all three granularities, exported and checked (DESIGN.md invariants 1
+pruned at random at all three granularities, exported and checked (docs/design.md, invariants 1
 and 2, that the export is smaller, and that it saves and reloads without its class).
 """
 

@@ -1,4 +1,4 @@
-"""Kernel equality (DESIGN.md invariant 5): the Triton masked conv against its reference twin.
+"""Kernel equality (docs/design.md, invariant 5): the Triton masked conv against its reference twin.
 
 Without CUDA the kernels run in triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so shapes stay tiny: every program instance costs about 0.5 ms.

@@ -1,4 +1,4 @@
-"""split_stages: resolution stages of a gated graph (issue 4's first pass)."""
+"""split_stages: resolution stages of a gated graph (the first step of multi-stage search)."""
 
 import pytest
 import timm

@@ -1,4 +1,4 @@
-"""Trace fidelity (DESIGN invariant 3) and tracing errors."""
+"""Trace fidelity (docs/design.md, invariant 3) and tracing errors."""
 
 import pytest
 import torch
