@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["CHECKPOINT", "METRICS", "CONFIG", "atomic_write", "write_text", "write_json", "write_jsonl",
+__all__ = ["CHECKPOINT", "METRICS", "CONFIG", "ARCH", "MODEL_DIR", "REPORT_DIR", "atomic_write", "write_text", "write_json", "write_jsonl",
            "save_torch", "append_jsonl"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -23,6 +23,12 @@ METRICS = "metrics.jsonl"
 """One JSON row per epoch."""
 CONFIG = "config.json"
 """The resolved configuration of a run."""
+ARCH = "arch.json"
+"""The discovered architecture of a search (:func:`granular.arch.architecture`)."""
+MODEL_DIR = "model"
+"""The compact model a run saves (:func:`granular.save`)."""
+REPORT_DIR = "report"
+"""Where ``granular report`` writes by default."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

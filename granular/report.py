@@ -33,14 +33,12 @@ from typing import Any, Iterable, Optional
 from matplotlib.figure import Figure
 
 from granular.errors import GranularError
-from granular.files import CONFIG, METRICS, atomic_write, write_json
+from granular.files import ARCH, CONFIG, METRICS, MODEL_DIR, REPORT_DIR, atomic_write, write_json
 from granular.plots import GRANULARITIES, plot_params, plot_retention, plot_thresholds, retention_matrix
 
 __all__ = ["Group", "report", "load_metrics", "load_arch", "block_of", "group_arch",
            "retention_matrix", "plot_thresholds", "plot_params", "plot_retention", "REPORT_DIR", "GRANULARITIES"]
 
-REPORT_DIR = "report"
-ARCH = "arch.json"
 THRESHOLDS_PNG = "thresholds.png"
 PARAMS_PNG = "params.png"
 RETENTION_PNG = "retention_by_cell.png"
@@ -335,7 +333,7 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None)
     if arch is None:
         missing.append(ARCH)
     else:
-        tensors = _tensor_counts(run_dir / "model")
+        tensors = _tensor_counts(run_dir / MODEL_DIR)
         if not tensors:
             missing.append("model/model.safetensors")
         n_cells = len({op["cell"] for op in arch.get("ops", []) if "cell" in op})
@@ -345,7 +343,7 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None)
     files = {key: str(out / name) for key, (_, name) in figures.items()}
     files["report"] = str(out / REPORT_JSON)
     result = {"run_dir": str(run_dir), "files": files,
-              "summary": _summary(rows, arch, _model_val_accuracy(run_dir / "model")),
+              "summary": _summary(rows, arch, _model_val_accuracy(run_dir / MODEL_DIR)),
               "grouped_by": None if arch is None else ("cell" if any(g.op_types for g in groups) else "block"),
               "groups": [g.to_dict() for g in groups], "total": total.to_dict() if total else None,
               "missing": missing}

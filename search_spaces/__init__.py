@@ -23,19 +23,11 @@ Example::
 
 from __future__ import annotations
 
+from granular.search_spaces import _registry
 from granular.search_spaces._registry import (SpaceInfo, build_search_space, describe_op, get_search_space,
                                               list_search_spaces, op_order, register_search_space, space_info)
 
-__all__ = [
-    "register_search_space",
-    "list_search_spaces",
-    "get_search_space",
-    "build_search_space",
-    "describe_op",
-    "space_info",
-    "op_order",
-    "SpaceInfo",
-]
+__all__ = list(_registry.__all__)
 
 # Importing the space modules registers them.
 from granular.search_spaces import darts as _darts  # noqa: E402,F401

@@ -26,7 +26,7 @@ EXIT_TARGET_MISSED = 3
 
 _COMMANDS = {"search": "granular.cli.search", "inspect": "granular.cli.inspect", "retrain": "granular.cli.retrain",
              "report": "granular.cli.report", "export": "granular.cli.export"}
-"""command -> the module whose ``run(args)`` carries it out (imported on use: ``--help`` stays fast)."""
+"""command -> the module whose ``handle(args)`` carries it out (imported on use: ``--help`` stays fast)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from granular.errors import GranularError
     try:
         import importlib
-        return importlib.import_module(_COMMANDS[args.command]).run(args)
+        return importlib.import_module(_COMMANDS[args.command]).handle(args)
     except GranularError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

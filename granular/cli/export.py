@@ -12,14 +12,14 @@ from granular.api import export
 from granular.cli.rundir import MODEL_DIR, load_searched
 from granular.io import save
 
-__all__ = ["run"]
+__all__ = ["handle"]
 
 
-def run(args: argparse.Namespace) -> int:
+def handle(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if getattr(args, "finetune", False):
-        from granular.cli.retrain import run as run_retrain
-        return run_retrain(args, finetune_only=True)
+        from granular.cli.retrain import handle as retrain
+        return retrain(args, finetune_only=True)
     run_cfg, data, gm = load_searched(run_dir)
     out = Path(args.out) if args.out else run_dir / MODEL_DIR
     compact = export(gm)

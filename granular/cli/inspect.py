@@ -13,10 +13,10 @@ from granular.data import load_data
 from granular.inspection import inspect_model
 from granular.spec import build_model, default_input, is_zoo_spec, resolve_leaves
 
-__all__ = ["run"]
+__all__ = ["handle"]
 
 
-def run(args: argparse.Namespace) -> int:
+def handle(args: argparse.Namespace) -> int:
     """The ``granular inspect`` command."""
     console = Console()
     if args.dataset or not is_zoo_spec(args.spec):

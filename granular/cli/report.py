@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from granular._format import fmt_count, fmt_pct
-from granular.report import ARCH, Group, report
+from granular.files import ARCH
+from granular.report import Group, report
 
-__all__ = ["run"]
+__all__ = ["handle"]
 
 
 def _ratio(part: int, whole: int) -> str:
@@ -51,7 +52,7 @@ def _summary_line(s: dict[str, Any]) -> str:
             f"({s['val_accuracy_of']}); {s['epochs']} epochs, {s['rounds']} pruning rounds")
 
 
-def run(args: argparse.Namespace) -> int:
+def handle(args: argparse.Namespace) -> int:
     """The ``granular report`` command: print the tables and summary, write the plots."""
     console = Console()
     result = report(args.run_dir, args.out)

@@ -22,12 +22,12 @@ from granular.files import write_json
 from granular.io import save
 from granular.retrain import build_retrain_model, train_compact
 
-__all__ = ["run"]
+__all__ = ["handle"]
 
 RESULT = "result.json"
 
 
-def run(args: argparse.Namespace, *, finetune_only: bool = False) -> int:
+def handle(args: argparse.Namespace, *, finetune_only: bool = False) -> int:
     """CLI: ``granular retrain RUN_DIR`` (and ``granular export RUN_DIR --finetune``)."""
     run_dir = Path(args.run_dir)
     overrides = {k: getattr(args, k) for k in ("arch", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing",

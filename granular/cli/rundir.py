@@ -20,14 +20,10 @@ from granular.config import SearchConfig
 from granular.data import load_data
 from granular.driver import make_searcher
 from granular.errors import CheckpointError
-from granular.files import CHECKPOINT, CONFIG, METRICS
+from granular.files import ARCH, CHECKPOINT, CONFIG, METRICS, MODEL_DIR, REPORT_DIR
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "ARCH", "MODEL_DIR", "REPORT_DIR", "load_run_config", "build_run",
            "load_searched", "default_run_dir"]
-
-ARCH = "arch.json"
-MODEL_DIR = "model"
-REPORT_DIR = "report"
 
 
 def default_run_dir(spec: str) -> Path:

@@ -25,7 +25,7 @@ from granular.files import write_json
 from granular.io import save
 from granular.passes.split_stages import count_resolutions
 
-__all__ = ["run"]
+__all__ = ["handle"]
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def handle(args: argparse.Namespace) -> int:
     """``granular search``; under ``torchrun`` every process runs it, data-parallel
     (:mod:`granular.distributed`), and rank 0 alone writes the run directory and prints."""
     ours = not distributed.is_distributed()  # a process group the caller started is the caller's to end
