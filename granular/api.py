@@ -12,7 +12,7 @@ from torch import nn
 from granular.config import GateConfig
 from granular.errors import GranularError
 from granular.masks import gate_bank
-from granular.passes.export import build_export, plan_export
+from granular.passes.export import export_graph
 from granular.passes.pipelines import gate_pipeline
 from granular.passes.trace import AUTO_LEAVES, trace
 
@@ -62,4 +62,4 @@ def export(gm: fx.GraphModule) -> fx.GraphModule:
     applied; in eval mode it computes what ``gm`` does, and :func:`granular.count_params`
     is its exact size (``docs/design.md``, invariants 1 and 2).
     """
-    return build_export(gm, plan_export(gm))
+    return export_graph(gm)

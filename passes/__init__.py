@@ -7,8 +7,14 @@
     skip_pruned_ops (passes/skip_pruned_ops.py)  transform: the live training graph (pruned ops dropped)
     fuse_kernels (passes/fuse_kernels.py)  transform: gated convs -> fused Triton op (CUDA only)
     export       (passes/export.py)        transform: gated graph -> compact plain GraphModule
+    restore_norms (passes/restore_norms.py) transform: fresh BatchNorms where export folded them
+    retrain_graph (passes/retrain_graph.py) transform: drop-path and an auxiliary head (retraining)
 
 ``trace`` runs ``decompose_norm_act`` (passes/decompose.py) on timm's fused norm+act leaves.
+
+Passes run through a ``PassManager`` with one shared check after each (``_manager.py``); the
+pipelines the library runs, ``gate_pipeline`` (find_units -> insert_gates) and
+``training_graph`` (skip_pruned_ops -> [stage_graph] -> fuse_kernels), are in ``pipelines.py``.
 
 ``_graph.py`` classifies nodes by what they do to channels; ``_channels.py`` groups coupled
 channels and finds constant ones. Both are shared by find_units and export.
@@ -18,8 +24,12 @@ from granular.passes.export import Export, export_graph, plan_export
 from granular.passes.find_units import FindUnits, find_units
 from granular.passes.fuse_kernels import FuseKernels, fuse_kernels
 from granular.passes.insert_gates import InsertGates, insert_gates
+from granular.passes.pipelines import gate_pipeline, training_graph
+from granular.passes.restore_norms import RestoreNorms, restore_norms
+from granular.passes.retrain_graph import RetrainGraph, retrain_graph
 from granular.passes.split_stages import SplitStages, split_stages
 from granular.passes.trace import register_leaf_function, register_leaf_module, trace
 
 __all__ = ["trace", "register_leaf_module", "register_leaf_function", "FindUnits", "find_units",
-           "InsertGates", "insert_gates", "FuseKernels", "fuse_kernels", "SplitStages", "split_stages", "Export", "export_graph", "plan_export"]
+           "InsertGates", "insert_gates", "FuseKernels", "fuse_kernels", "SplitStages", "split_stages", "Export", "export_graph", "plan_export",
+           "RestoreNorms", "restore_norms", "RetrainGraph", "retrain_graph", "gate_pipeline", "training_graph"]

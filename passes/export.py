@@ -41,6 +41,7 @@ from granular.meta import GATE, tensor_shape
 from granular.passes._channels import (ChannelAnalysis, shape_args, analyze_channels, channel_constants,
                                        index_entry_for_dim)
 from granular.passes._graph import Kind, LayerView, layer_view, module_of
+from granular.passes._manager import run_passes
 
 __all__ = ["ExportPlan", "plan_export", "build_export", "Export", "export_graph"]
 
@@ -508,5 +509,5 @@ class Export(PassBase):
 
 
 def export_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """Functional form of :class:`Export`."""
-    return Export()(gm).graph_module
+    """Functional form of :class:`Export` (``granular.export`` calls it)."""
+    return run_passes(gm, [Export()])
