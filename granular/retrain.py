@@ -44,7 +44,7 @@ from granular.passes.restore_norms import restore_norms
 from granular.passes.retrain_graph import retrain_graph
 from granular.search_spaces import describe_op
 
-__all__ = ["RetrainConfig", "aligned_", "build_retrain_model", "train_compact", "evaluate", "accuracy_density"]
+__all__ = ["aligned_", "build_retrain_model", "train_compact", "evaluate"]
 
 
 # ------------------------------------------------------------------ architecture
