@@ -126,10 +126,17 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
     raw: dict[fx.Node, list[int]] = {}
     axis = res.axis
     shared = shared_layer_paths(gm, modules)
+    sizes: dict[fx.Node, object] = {}  # scalar node -> the tensors whose channel count it carries
 
     def fix(ids):
         for i in ids:
             res.fixed.add(i)
+
+    def fix_inputs(node):
+        for a in node.all_input_nodes:
+            fix(raw.get(a, ()))
+            for part in res.parts.get(a, ()):
+                fix(part[1] if part else ())
 
     def fresh(node, size):  # new channels on dim 1, all fixed
         raw[node] = uf.new(size)
@@ -145,12 +152,21 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
         size = _channel_dim_size(node)
         first = node.args[0] if node.args else None
         if kind == Kind.OUTPUT:
-            for a in node.all_input_nodes:
-                fix(raw.get(a, ()))
-                for part in res.parts.get(a, ()):
-                    fix(part[1] if part else ())
+            fix_inputs(node)
             continue
-        if kind in (Kind.ATTR, Kind.NONTENSOR, Kind.GATE_WEIGHT):
+        if kind == Kind.NONTENSOR:
+            taint = _scalar_taint(node, raw, axis, sizes)
+            if taint is not None:
+                sizes[node] = taint
+                continue
+            # tensors turned into something we do not follow (the values of ``x.max(1)``,
+            # ``sort``, ``topk``, ``item()``): every channel they read is fixed
+            fix_inputs(node)
+            continue
+        for a in node.all_input_nodes:  # a channel count used by a tensor op: export would change it
+            for x in _taint_nodes(sizes.get(a)):
+                fix(raw.get(x, ()))
+        if kind in (Kind.ATTR, Kind.GATE_WEIGHT):
             continue
         if kind == Kind.INPUT:
             if size is not None:
@@ -204,10 +220,7 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
         # Not understood (or shapes disagree): never guess, fix everything it touches.
         # (an add keeps its kind: export still has to drop its pruned inputs)
         res.kinds[node] = kind if kind == Kind.ADD else Kind.OTHER
-        for a in node.all_input_nodes:
-            fix(raw.get(a, ()))
-            for part in res.parts.get(a, ()):
-                fix(part[1] if part else ())
+        fix_inputs(node)
         same = next((a for a in node.all_input_nodes if a in raw and tensor_shape(a) == shape), None)
         if same is not None:  # e.g. a norm: same shape, so the channels are where they were
             raw[node], axis[node] = uf.new(len(raw[same])), axis[same]
@@ -221,6 +234,55 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
     res.part_slots = {n: [None if p is None else (p[0], [uf.find(i) for i in p[1]]) for p in parts]
                       for n, parts in res.parts.items()}
     return res
+
+
+_SIZE_METHODS = ("size", "dim", "ndimension", "numel", "nelement")
+_NO_TAINT: frozenset = frozenset()
+
+
+def _scalar_taint(node: fx.Node, raw, axis, sizes) -> Optional[object]:
+    """For a node computing a Python scalar or ``torch.Size``: the tensors whose channel count
+    its value depends on (a frozenset, or one per element of a size), else None.
+
+    ``x.size()``, ``x.shape``, ``x.size(d)`` and ``x.numel()`` carry ``x``'s channel count at
+    its channel axis; arithmetic and indexing over such values carry it on. Anything else that
+    returns a non-tensor (``x.max(1)``, ``x.item()``) is None: the caller fixes what it reads.
+    """
+    t = node.target
+    x = node.args[0] if node.args else None
+    if isinstance(x, fx.Node) and (node.op == "call_method" and t in _SIZE_METHODS or
+                                   node.op == "call_function" and t is getattr):
+        shape = tensor_shape(x)
+        if node.op == "call_function" and node.args[1:2] not in (("shape",), ("ndim",), ("dtype",), ("device",)):
+            return None
+        if shape is None:
+            return None if x not in sizes else _NO_TAINT
+        mine = frozenset((x,)) if x in raw else _NO_TAINT
+        if t in ("dim", "ndimension") or node.args[1:2] in (("ndim",), ("dtype",), ("device",)):
+            return _NO_TAINT
+        if t in ("numel", "nelement"):
+            return mine
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if d is None:
+            return tuple(mine if x in raw and i == axis[x] else _NO_TAINT for i in range(len(shape)))
+        if not isinstance(d, int):
+            return mine
+        return mine if x in raw and d % len(shape) == axis[x] else _NO_TAINT
+    ins = node.all_input_nodes
+    if not all(a in sizes for a in ins):
+        return None
+    if t is operator.getitem and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and \
+            isinstance(sizes[node.args[0]], tuple) and isinstance(node.args[1], (int, slice)):
+        return sizes[node.args[0]][node.args[1]]
+    return frozenset(x for a in ins for x in _taint_nodes(sizes[a]))
+
+
+def _taint_nodes(taint) -> frozenset:
+    if taint is None:
+        return _NO_TAINT
+    if isinstance(taint, tuple):
+        return frozenset(x for part in taint for x in part)
+    return taint
 
 
 def _couple_groups(uf: _UnionFind, ids: list[int], groups: int) -> None:

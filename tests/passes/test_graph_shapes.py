@@ -345,3 +345,77 @@ def test_integer_index_on_the_channel_axis_is_rewritten_at_its_own_position():
     gm, compact = _compact(SelectChannel(), x, lambda gm: _prune(gm, "fc", [0]))
     _count(gm, compact)
     assert compact.fc.out_features == 1  # only channel 1 is read: the others go, gated or not
+
+
+class Outlooker(nn.Module):
+    """VOLO's outlook attention on channels-last tokens (unfold, attention reshapes into heads,
+    fold) and its token-labelling head, ``head(cls) + 0.5 * aux(tokens).max(1)[0]``."""
+
+    def __init__(self, dim=8, heads=2, k=3):
+        super().__init__()
+        self.heads, self.k = heads, k
+        self.embed = nn.Conv2d(3, dim, 2, stride=2)
+        self.norm = nn.LayerNorm(dim)
+        self.v, self.attn = nn.Linear(dim, dim, bias=False), nn.Linear(dim, k ** 4 * heads)
+        self.proj = nn.Linear(dim, dim)
+        self.unfold = nn.Unfold(kernel_size=k, padding=1)
+        self.fc1, self.fc2 = nn.Linear(dim, 12), nn.Linear(12, dim)
+        self.head, self.aux = nn.Linear(dim, 5), nn.Linear(dim, 5)
+
+    def outlook(self, x):
+        b, h, w, c = x.shape
+        kk = self.k * self.k
+        v = self.unfold(self.v(x).permute(0, 3, 1, 2)).reshape(b, self.heads, c // self.heads, kk, h * w)
+        v = v.permute(0, 1, 4, 3, 2)
+        a = self.attn(x).reshape(b, h * w, self.heads, kk, kk).permute(0, 2, 1, 3, 4)
+        y = (a.softmax(dim=-1) @ v).permute(0, 1, 4, 3, 2).reshape(b, c * kk, h * w)
+        y = F.fold(y, output_size=(h, w), kernel_size=self.k, padding=1)
+        return self.proj(y.permute(0, 2, 3, 1))
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)
+        x = x + self.outlook(self.norm(x))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        tokens = x.flatten(1, 2)
+        return self.head(tokens[:, 0]) + 0.5 * self.aux(tokens[:, 1:]).max(1)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_outlook_attention_and_token_labelling_head_export_exactly(seed):
+    res = check_export(Outlooker(), torch.randn(2, 3, 8, 8), seed=seed)
+    assert res.ok, res.reason
+
+
+def test_channels_read_by_a_max_over_tokens_are_kept():
+    """``aux(t).max(1)`` returns (values, indices): its input's channels reach the output
+    through a node the channel analysis does not follow, so they are fixed (the aux head
+    is a head), not dropped as if nothing read them."""
+    x = torch.randn(2, 3, 8, 8)
+    gm = granular.prepare(Outlooker(), x)
+    assert "aux" not in gm.granular_gates.filter
+    gm, compact = _compact(Outlooker(), x, lambda gm: _prune(gm, "fc1", [1, 2]))
+    _count(gm, compact)
+    assert compact.aux.out_features == 5 and compact.fc1.out_features == 10
+
+
+class ChannelCountScale(nn.Module):
+    """One tensor's channel count (``y.shape[1]``) scales another branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(3, 8)
+        self.a, self.b = _conv_bn(8, 6), _conv_bn(8, 4)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.a(x)
+        return self.head(y) + self.b(x) * y.shape[1] ** -0.5
+
+
+def test_a_channel_count_used_as_a_value_keeps_those_channels():
+    x = torch.randn(2, 3, 8, 8)
+    gm = granular.prepare(ChannelCountScale(), x)
+    assert "a_0" not in gm.granular_gates.filter  # removing one would change y.shape[1]
+    res = check_export(ChannelCountScale(), x, seed=0)
+    assert res.ok, res.reason
