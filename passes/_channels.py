@@ -17,9 +17,11 @@ channel shuffle), the channels are fixed. Export rewrites the sizes that removal
 (split sizes, slice bounds, reshape sizes): :func:`shape_args`, :func:`index_entry_for_dim`.
 
 A class is *fixed* when a node that the table does not understand touches it (LayerNorm
-and GroupNorm included: their statistics need every channel), when one module is called
-at several nodes, or when it reaches the graph's inputs or outputs: fixed channels are
-never removed, never guessed.
+and GroupNorm included: their statistics need every channel; so does a node that returns
+a non-tensor, such as ``x.max(1)`` or a module returning a tuple), when one module is called
+at several nodes, when it reaches the graph's inputs or outputs, or when a tensor's channel
+count (``x.shape[1]``, ``x.size(-1)``, ``x.numel()``) is used as a value, asserted or
+returned (removal would change it): fixed channels are never removed, never guessed.
 
 The constant analysis (:func:`channel_constants`) finds, for each position, whether its
 value is the same for every input and every pixel (a gate at zero, a BN shift after it, a
@@ -151,22 +153,22 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
         shape = tensor_shape(node)
         size = _channel_dim_size(node)
         first = node.args[0] if node.args else None
-        if kind == Kind.OUTPUT:
-            fix_inputs(node)
-            continue
         if kind == Kind.NONTENSOR:
             taint = _scalar_taint(node, raw, axis, sizes)
-            if taint is not None:
+            if taint is not None and node.target is not torch._assert:
                 sizes[node] = taint
                 continue
             # tensors turned into something we do not follow (the values of ``x.max(1)``,
-            # ``sort``, ``topk``, ``item()``): every channel they read is fixed
+            # ``sort``, ``topk``, ``item()``, a module returning a tuple): every channel
+            # they read is fixed; so are those whose count an assert checks
             fix_inputs(node)
-            continue
-        for a in node.all_input_nodes:  # a channel count used by a tensor op: export would change it
+        for a in node.all_input_nodes:  # a channel count used as a value: export would change it
             for x in _taint_nodes(sizes.get(a)):
                 fix(raw.get(x, ()))
-        if kind in (Kind.ATTR, Kind.GATE_WEIGHT):
+        if kind == Kind.OUTPUT:
+            fix_inputs(node)
+            continue
+        if kind in (Kind.ATTR, Kind.GATE_WEIGHT, Kind.NONTENSOR):
             continue
         if kind == Kind.INPUT:
             if size is not None:

@@ -419,3 +419,26 @@ def test_a_channel_count_used_as_a_value_keeps_those_channels():
     assert "a_0" not in gm.granular_gates.filter  # removing one would change y.shape[1]
     res = check_export(ChannelCountScale(), x, seed=0)
     assert res.ok, res.reason
+
+
+class ChannelCountAssert(nn.Module):
+    """A channel count checked by an assert, and one returned as an output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(3, 8)
+        self.a, self.b = _conv_bn(8, 6), _conv_bn(8, 6)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y, z = self.a(x), self.b(x)
+        torch._assert(y.shape[1] == 6, "six channels")
+        return self.head(y + z), z.size(1)
+
+
+def test_a_channel_count_checked_or_returned_keeps_those_channels():
+    x = torch.randn(2, 3, 8, 8)
+    gm = granular.prepare(ChannelCountAssert(), x)
+    assert "a_0" not in gm.granular_gates.filter and "b_0" not in gm.granular_gates.filter
+    assert "stem_0" in gm.granular_gates.filter
