@@ -301,9 +301,24 @@ def _keeps_axis(node: fx.Node, kind: str, src: fx.Node, ax: int) -> bool:
     pads only along dim 1)."""
     if tensor_shape(node) is None or tensor_shape(src) is None:
         return False
+    if kind == Kind.POOL and not _pool_is_batched(node, len(tensor_shape(src))):
+        return False
     if kind in (Kind.BN, Kind.DWCONV, Kind.POOL, Kind.PAD):
         return ax == 1 and tensor_shape(node)[1] == tensor_shape(src)[1]
     return tensor_shape(node) == tensor_shape(src)
+
+
+def _pool_is_batched(node: fx.Node, ndim: int) -> bool:
+    """A k-d pool sees a (k+1)-dim tensor as one unbatched (C, ...) sample, so it pools over
+    what we call the channel axis: only a (k+2)-dim input has its channels at dim 1."""
+    if node.op == "call_module":
+        name = type(node.graph.owning_module.get_submodule(node.target)).__name__
+    else:
+        name = getattr(node.target, "__name__", str(node.target))
+    for k in (1, 2, 3):
+        if f"{k}d" in name.lower():
+            return ndim == k + 2
+    return True
 
 
 def _token_field(ax: int, ids: list[int], shape) -> torch.Tensor:

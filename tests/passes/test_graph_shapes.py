@@ -442,3 +442,25 @@ def test_a_channel_count_checked_or_returned_keeps_those_channels():
     gm = granular.prepare(ChannelCountAssert(), x)
     assert "a_0" not in gm.granular_gates.filter and "b_0" not in gm.granular_gates.filter
     assert "stem_0" in gm.granular_gates.filter
+
+
+class UnbatchedPool(nn.Module):
+    """A 2-d pool on a (B, C, L) tensor reads it as one (C, H, W) image: it pools over C."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 8, 1), nn.Conv1d(4, 6, 1)
+        self.head = nn.Conv1d(6, 4, 1)
+
+    def forward(self, x):
+        y = F.avg_pool2d(torch.relu(self.a(x)), (3, 1), stride=1, padding=(1, 0))
+        return self.head(torch.relu(self.b(y[:, :4])))  # channel 3 of y averages a's 2, 3 and 4
+
+
+def test_a_pool_that_reads_the_channel_axis_as_space_keeps_the_channels():
+    x = torch.randn(2, 3, 8)
+    gm = granular.prepare(UnbatchedPool(), x)
+    assert "a" not in gm.granular_gates.filter and "b" in gm.granular_gates.filter
+    for seed in range(3):
+        res = check_export(UnbatchedPool(), x, seed=seed)
+        assert res.ok, f"seed {seed}: {res.reason}"
