@@ -257,8 +257,8 @@ def _scalar_taint(node: fx.Node, raw, axis, sizes) -> Optional[object]:
         shape = tensor_shape(x)
         if node.op == "call_function" and node.args[1:2] not in (("shape",), ("ndim",), ("dtype",), ("device",)):
             return None
-        if shape is None:
-            return None if x not in sizes else _NO_TAINT
+        if shape is None:  # a size of a size: what that one carries
+            return _taint_nodes(sizes[x]) if x in sizes else None
         mine = frozenset((x,)) if x in raw else _NO_TAINT
         if t in ("dim", "ndimension") or node.args[1:2] in (("ndim",), ("dtype",), ("device",)):
             return _NO_TAINT
