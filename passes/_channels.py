@@ -214,9 +214,9 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
                     uf.union(i, j)
                 raw[node], axis[node] = la, axis[a]
                 continue
-            if kind == Kind.ADD and alive is not None and (la is None) != (lb is None):
-                live = a if la is not None else b
-                if tensor_shape(live) == shape:
+            if kind == Kind.ADD and alive is not None and (a not in alive) != (b not in alive):
+                live = a if b not in alive else b  # the other input is a pruned operation
+                if live in raw and tensor_shape(live) == shape:
                     raw[node], axis[node] = raw[live], axis[live]
                     continue
         # Not understood (or shapes disagree): never guess, fix everything it touches.
@@ -496,11 +496,13 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
             k = k_in if k_in is not None else nan
             consts[node] = torch.where(g == 0, torch.zeros(()), k * g)
         elif kind in (Kind.ADD, Kind.MUL):
-            ks = [consts.get(a) for a in node.args if isinstance(a, fx.Node) and a in analysis.slots]
-            if len(ks) == 1:
-                consts[node] = ks[0] if ks[0] is not None else nan
-            elif any(k is None or len(k) != size for k in ks):  # an add we did not follow
+            # the live inputs (a pruned one is not in kinds); one we do not track (a parameter,
+            # a pruned branch's only other input) makes the value unknown
+            ks = [consts.get(a) for a in node.args if isinstance(a, fx.Node) and a in analysis.kinds]
+            if not ks or any(k is None or len(k) != size for k in ks):  # an add we did not follow
                 consts[node] = nan
+            elif len(ks) == 1:
+                consts[node] = ks[0]
             else:
                 consts[node] = ks[0] + ks[1] if kind == Kind.ADD else ks[0] * ks[1]
         elif kind == Kind.MOVE:

@@ -464,3 +464,34 @@ def test_a_pool_that_reads_the_channel_axis_as_space_keeps_the_channels():
     for seed in range(3):  # (a tiny model: some masks leave it no smaller, so check exactness only)
         res = check_export(UnbatchedPool(), x, seed=seed)
         assert res.rel_err <= 1e-4 and res.counted == res.exported, f"seed {seed}: {res.reason}"
+
+
+class PositionEmbedding(nn.Module):
+    """NesT-style: the whole trunk before ``+ pos_embed`` is one branch of that sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid = _conv_bn(3, 8), _conv_bn(8, 8)
+        self.pos = nn.Parameter(torch.randn(1, 8, 4, 4))
+        self.fc1, self.fc2 = nn.Conv2d(8, 12, 1), nn.Conv2d(12, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.mid(self.stem(x)) + self.pos
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_pruning_the_branch_beside_a_parameter_exports_exactly_with_the_same_inputs():
+    x = torch.randn(1, 3, 4, 4)  # batch 1: x and pos_embed have one shape, so their add is a sum
+    model = randomize_norms_(PositionEmbedding().eval())
+    gm = granular.prepare(model, x)
+    trunk = [k for k in gm.granular_gates.op if "fc" not in k]
+    assert trunk, list(gm.granular_gates.op)
+    with torch.no_grad():
+        for k in trunk:
+            gm.granular_gates.op[k].mask.fill_(0.0)
+    gm.eval()
+    compact = granular.export(gm)
+    torch.testing.assert_close(compact(x), gm(x), rtol=1e-5, atol=1e-5)  # constant, but it still takes x
+    _count(gm, compact)
