@@ -264,7 +264,7 @@ def _scalar_taint(node: fx.Node, raw, axis, sizes) -> Optional[object]:
             return _NO_TAINT
         if t in ("numel", "nelement"):
             return mine
-        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        d = None if t is getattr else node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         if d is None:
             return tuple(mine if x in raw and i == axis[x] else _NO_TAINT for i in range(len(shape)))
         if not isinstance(d, int):

@@ -495,3 +495,26 @@ def test_pruning_the_branch_beside_a_parameter_exports_exactly_with_the_same_inp
     compact = granular.export(gm)
     torch.testing.assert_close(compact(x), gm(x), rtol=1e-5, atol=1e-5)  # constant, but it still takes x
     _count(gm, compact)
+
+
+class SpatialSizes(nn.Module):
+    """``b, c, h, w = y.shape`` with only b, h and w used: y's channels stay prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(3, 8)
+        self.a = _conv_bn(8, 6)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.a(self.stem(x))
+        b, c, h, w = y.shape
+        return self.head(y).reshape(b, 4, h * w)
+
+
+def test_sizes_other_than_the_channel_count_leave_channels_prunable():
+    x = torch.randn(2, 3, 8, 8)
+    gm = granular.prepare(SpatialSizes(), x)
+    assert "a_0" in gm.granular_gates.filter
+    res = check_export(SpatialSizes(), x, seed=0)
+    assert res.ok, res.reason
