@@ -10,7 +10,7 @@ seeds and two head sizes (1000 and 10 classes); it passes only if all six checks
 seed with one head let a wrong export through: VOLO's, issue 16). It prints the pass fraction
 per zoo, a per-model table and each failure's reason.
 
-    python benchmarks/zoo.py                       # both zoos (about an hour on 2 CPU cores)
+    python benchmarks/zoo.py                       # both zoos (six checks a model: several hours on 2 CPU cores)
     python benchmarks/zoo.py --zoo torchvision     # one zoo
     python benchmarks/zoo.py --models timm:resnet10t torchvision:alexnet
     python benchmarks/zoo.py --models timm:volo_d1_224 --seeds 0 1 --classes 10
