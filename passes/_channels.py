@@ -17,9 +17,11 @@ channel shuffle), the channels are fixed. Export rewrites the sizes that removal
 (split sizes, slice bounds, reshape sizes): :func:`shape_args`, :func:`index_entry_for_dim`.
 
 A class is *fixed* when a node that the table does not understand touches it (LayerNorm
-and GroupNorm included: their statistics need every channel), when one module is called
-at several nodes, or when it reaches the graph's inputs or outputs: fixed channels are
-never removed, never guessed.
+and GroupNorm included: their statistics need every channel; so does a node that returns
+a non-tensor, such as ``x.max(1)`` or a module returning a tuple), when one module is called
+at several nodes, when it reaches the graph's inputs or outputs, or when a tensor's channel
+count (``x.shape[1]``, ``x.size(-1)``, ``x.numel()``) is used as a value, asserted or
+returned (removal would change it): fixed channels are never removed, never guessed.
 
 The constant analysis (:func:`channel_constants`) finds, for each position, whether its
 value is the same for every input and every pixel (a gate at zero, a BN shift after it, a
@@ -126,10 +128,17 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
     raw: dict[fx.Node, list[int]] = {}
     axis = res.axis
     shared = shared_layer_paths(gm, modules)
+    sizes: dict[fx.Node, object] = {}  # scalar node -> the tensors whose channel count it carries
 
     def fix(ids):
         for i in ids:
             res.fixed.add(i)
+
+    def fix_inputs(node):
+        for a in node.all_input_nodes:
+            fix(raw.get(a, ()))
+            for part in res.parts.get(a, ()):
+                fix(part[1] if part else ())
 
     def fresh(node, size):  # new channels on dim 1, all fixed
         raw[node] = uf.new(size)
@@ -144,13 +153,22 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
         shape = tensor_shape(node)
         size = _channel_dim_size(node)
         first = node.args[0] if node.args else None
+        if kind == Kind.NONTENSOR:
+            taint = _scalar_taint(node, raw, axis, sizes)
+            if taint is not None and node.target is not torch._assert:
+                sizes[node] = taint
+                continue
+            # tensors turned into something we do not follow (the values of ``x.max(1)``,
+            # ``sort``, ``topk``, ``item()``, a module returning a tuple): every channel
+            # they read is fixed; so are those whose count an assert checks
+            fix_inputs(node)
+        for a in node.all_input_nodes:  # a channel count used as a value: export would change it
+            for x in _taint_nodes(sizes.get(a)):
+                fix(raw.get(x, ()))
         if kind == Kind.OUTPUT:
-            for a in node.all_input_nodes:
-                fix(raw.get(a, ()))
-                for part in res.parts.get(a, ()):
-                    fix(part[1] if part else ())
+            fix_inputs(node)
             continue
-        if kind in (Kind.ATTR, Kind.NONTENSOR, Kind.GATE_WEIGHT):
+        if kind in (Kind.ATTR, Kind.GATE_WEIGHT, Kind.NONTENSOR):
             continue
         if kind == Kind.INPUT:
             if size is not None:
@@ -196,18 +214,15 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
                     uf.union(i, j)
                 raw[node], axis[node] = la, axis[a]
                 continue
-            if kind == Kind.ADD and alive is not None and (la is None) != (lb is None):
-                live = a if la is not None else b
-                if tensor_shape(live) == shape:
+            if kind == Kind.ADD and alive is not None and (a not in alive) != (b not in alive):
+                live = a if b not in alive else b  # the other input is a pruned operation
+                if live in raw and tensor_shape(live) == shape:
                     raw[node], axis[node] = raw[live], axis[live]
                     continue
         # Not understood (or shapes disagree): never guess, fix everything it touches.
         # (an add keeps its kind: export still has to drop its pruned inputs)
         res.kinds[node] = kind if kind == Kind.ADD else Kind.OTHER
-        for a in node.all_input_nodes:
-            fix(raw.get(a, ()))
-            for part in res.parts.get(a, ()):
-                fix(part[1] if part else ())
+        fix_inputs(node)
         same = next((a for a in node.all_input_nodes if a in raw and tensor_shape(a) == shape), None)
         if same is not None:  # e.g. a norm: same shape, so the channels are where they were
             raw[node], axis[node] = uf.new(len(raw[same])), axis[same]
@@ -221,6 +236,55 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
     res.part_slots = {n: [None if p is None else (p[0], [uf.find(i) for i in p[1]]) for p in parts]
                       for n, parts in res.parts.items()}
     return res
+
+
+_SIZE_METHODS = ("size", "dim", "ndimension", "numel", "nelement")
+_NO_TAINT: frozenset = frozenset()
+
+
+def _scalar_taint(node: fx.Node, raw, axis, sizes) -> Optional[object]:
+    """For a node computing a Python scalar or ``torch.Size``: the tensors whose channel count
+    its value depends on (a frozenset, or one per element of a size), else None.
+
+    ``x.size()``, ``x.shape``, ``x.size(d)`` and ``x.numel()`` carry ``x``'s channel count at
+    its channel axis; arithmetic and indexing over such values carry it on. Anything else that
+    returns a non-tensor (``x.max(1)``, ``x.item()``) is None: the caller fixes what it reads.
+    """
+    t = node.target
+    x = node.args[0] if node.args else None
+    if isinstance(x, fx.Node) and (node.op == "call_method" and t in _SIZE_METHODS or
+                                   node.op == "call_function" and t is getattr):
+        shape = tensor_shape(x)
+        if node.op == "call_function" and node.args[1:2] not in (("shape",), ("ndim",), ("dtype",), ("device",)):
+            return None
+        if shape is None:  # a size of a size: what that one carries
+            return _taint_nodes(sizes[x]) if x in sizes else None
+        mine = frozenset((x,)) if x in raw else _NO_TAINT
+        if t in ("dim", "ndimension") or node.args[1:2] in (("ndim",), ("dtype",), ("device",)):
+            return _NO_TAINT
+        if t in ("numel", "nelement"):
+            return mine
+        d = None if t is getattr else node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if d is None:
+            return tuple(mine if x in raw and i == axis[x] else _NO_TAINT for i in range(len(shape)))
+        if not isinstance(d, int):
+            return mine
+        return mine if x in raw and d % len(shape) == axis[x] else _NO_TAINT
+    ins = node.all_input_nodes
+    if not all(a in sizes for a in ins):
+        return None
+    if t is operator.getitem and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and \
+            isinstance(sizes[node.args[0]], tuple) and isinstance(node.args[1], (int, slice)):
+        return sizes[node.args[0]][node.args[1]]
+    return frozenset(x for a in ins for x in _taint_nodes(sizes[a]))
+
+
+def _taint_nodes(taint) -> frozenset:
+    if taint is None:
+        return _NO_TAINT
+    if isinstance(taint, tuple):
+        return frozenset(x for part in taint for x in part)
+    return taint
 
 
 def _couple_groups(uf: _UnionFind, ids: list[int], groups: int) -> None:
@@ -237,9 +301,24 @@ def _keeps_axis(node: fx.Node, kind: str, src: fx.Node, ax: int) -> bool:
     pads only along dim 1)."""
     if tensor_shape(node) is None or tensor_shape(src) is None:
         return False
+    if kind == Kind.POOL and not _pool_is_batched(node, len(tensor_shape(src))):
+        return False
     if kind in (Kind.BN, Kind.DWCONV, Kind.POOL, Kind.PAD):
         return ax == 1 and tensor_shape(node)[1] == tensor_shape(src)[1]
     return tensor_shape(node) == tensor_shape(src)
+
+
+def _pool_is_batched(node: fx.Node, ndim: int) -> bool:
+    """A k-d pool sees a (k+1)-dim tensor as one unbatched (C, ...) sample, so it pools over
+    what we call the channel axis: only a (k+2)-dim input has its channels at dim 1."""
+    if node.op == "call_module":
+        name = type(node.graph.owning_module.get_submodule(node.target)).__name__
+    else:
+        name = getattr(node.target, "__name__", str(node.target))
+    for k in (1, 2, 3):
+        if f"{k}d" in name.lower():
+            return ndim == k + 2
+    return True
 
 
 def _token_field(ax: int, ids: list[int], shape) -> torch.Tensor:
@@ -417,11 +496,13 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
             k = k_in if k_in is not None else nan
             consts[node] = torch.where(g == 0, torch.zeros(()), k * g)
         elif kind in (Kind.ADD, Kind.MUL):
-            ks = [consts.get(a) for a in node.args if isinstance(a, fx.Node) and a in analysis.slots]
-            if len(ks) == 1:
-                consts[node] = ks[0] if ks[0] is not None else nan
-            elif any(k is None or len(k) != size for k in ks):  # an add we did not follow
+            # the live inputs (a pruned one is not in kinds); one we do not track (a parameter,
+            # a pruned branch's only other input) makes the value unknown
+            ks = [consts.get(a) for a in node.args if isinstance(a, fx.Node) and a in analysis.kinds]
+            if not ks or any(k is None or len(k) != size for k in ks):  # an add we did not follow
                 consts[node] = nan
+            elif len(ks) == 1:
+                consts[node] = ks[0]
             else:
                 consts[node] = ks[0] + ks[1] if kind == Kind.ADD else ks[0] * ks[1]
         elif kind == Kind.MOVE:

@@ -381,8 +381,8 @@ def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
         return fx.node.map_arg(a, lambda x: env[x])
 
     for n in gm.graph.nodes:
-        if n not in plan.alive:
-            continue
+        if n not in plan.alive and n.op != "placeholder":  # the compact model takes the same inputs,
+            continue                                       # even ones that pruning left unread
         if n in plan.folded_into:
             env[n] = env[plan.folded_into[n]]
             continue

@@ -345,3 +345,176 @@ def test_integer_index_on_the_channel_axis_is_rewritten_at_its_own_position():
     gm, compact = _compact(SelectChannel(), x, lambda gm: _prune(gm, "fc", [0]))
     _count(gm, compact)
     assert compact.fc.out_features == 1  # only channel 1 is read: the others go, gated or not
+
+
+class Outlooker(nn.Module):
+    """VOLO's outlook attention on channels-last tokens (unfold, attention reshapes into heads,
+    fold) and its token-labelling head, ``head(cls) + 0.5 * aux(tokens).max(1)[0]``."""
+
+    def __init__(self, dim=8, heads=2, k=3):
+        super().__init__()
+        self.heads, self.k = heads, k
+        self.embed = nn.Conv2d(3, dim, 2, stride=2)
+        self.norm = nn.LayerNorm(dim)
+        self.v, self.attn = nn.Linear(dim, dim, bias=False), nn.Linear(dim, k ** 4 * heads)
+        self.proj = nn.Linear(dim, dim)
+        self.unfold = nn.Unfold(kernel_size=k, padding=1)
+        self.fc1, self.fc2 = nn.Linear(dim, 12), nn.Linear(12, dim)
+        self.head, self.aux = nn.Linear(dim, 5), nn.Linear(dim, 5)
+
+    def outlook(self, x):
+        b, h, w, c = x.shape
+        kk = self.k * self.k
+        v = self.unfold(self.v(x).permute(0, 3, 1, 2)).reshape(b, self.heads, c // self.heads, kk, h * w)
+        v = v.permute(0, 1, 4, 3, 2)
+        a = self.attn(x).reshape(b, h * w, self.heads, kk, kk).permute(0, 2, 1, 3, 4)
+        y = (a.softmax(dim=-1) @ v).permute(0, 1, 4, 3, 2).reshape(b, c * kk, h * w)
+        y = F.fold(y, output_size=(h, w), kernel_size=self.k, padding=1)
+        return self.proj(y.permute(0, 2, 3, 1))
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)
+        x = x + self.outlook(self.norm(x))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        tokens = x.flatten(1, 2)
+        return self.head(tokens[:, 0]) + 0.5 * self.aux(tokens[:, 1:]).max(1)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_outlook_attention_and_token_labelling_head_export_exactly(seed):
+    res = check_export(Outlooker(), torch.randn(2, 3, 8, 8), seed=seed)
+    assert res.ok, res.reason
+
+
+def test_channels_read_by_a_max_over_tokens_are_kept():
+    """``aux(t).max(1)`` returns (values, indices): its input's channels reach the output
+    through a node the channel analysis does not follow, so they are fixed (the aux head
+    is a head), not dropped as if nothing read them."""
+    x = torch.randn(2, 3, 8, 8)
+    gm = granular.prepare(Outlooker(), x)
+    assert "aux" not in gm.granular_gates.filter
+    gm, compact = _compact(Outlooker(), x, lambda gm: _prune(gm, "fc1", [1, 2]))
+    _count(gm, compact)
+    assert compact.aux.out_features == 5 and compact.fc1.out_features == 10
+
+
+class ChannelCountScale(nn.Module):
+    """One tensor's channel count (``y.shape[1]``) scales another branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(3, 8)
+        self.a, self.b = _conv_bn(8, 6), _conv_bn(8, 4)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.a(x)
+        return self.head(y) + self.b(x) * y.shape[1] ** -0.5
+
+
+def test_a_channel_count_used_as_a_value_keeps_those_channels():
+    x = torch.randn(2, 3, 8, 8)
+    gm = granular.prepare(ChannelCountScale(), x)
+    assert "a_0" not in gm.granular_gates.filter  # removing one would change y.shape[1]
+    res = check_export(ChannelCountScale(), x, seed=0)
+    assert res.ok, res.reason
+
+
+class ChannelCountAssert(nn.Module):
+    """A channel count checked by an assert, and one returned as an output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(3, 8)
+        self.a, self.b = _conv_bn(8, 6), _conv_bn(8, 6)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y, z = self.a(x), self.b(x)
+        torch._assert(y.shape[1] == 6, "six channels")
+        return self.head(y + z), z.size(1)
+
+
+def test_a_channel_count_checked_or_returned_keeps_those_channels():
+    x = torch.randn(2, 3, 8, 8)
+    gm = granular.prepare(ChannelCountAssert(), x)
+    assert "a_0" not in gm.granular_gates.filter and "b_0" not in gm.granular_gates.filter
+    assert "stem_0" in gm.granular_gates.filter
+
+
+class UnbatchedPool(nn.Module):
+    """A 2-d pool on a (B, C, L) tensor reads it as one (C, H, W) image: it pools over C."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 8, 1), nn.Conv1d(4, 6, 1)
+        self.head = nn.Conv1d(6, 4, 1)
+
+    def forward(self, x):
+        y = F.avg_pool2d(torch.relu(self.a(x)), (3, 1), stride=1, padding=(1, 0))
+        return self.head(torch.relu(self.b(y[:, :4])))  # channel 3 of y averages a's 2, 3 and 4
+
+
+def test_a_pool_that_reads_the_channel_axis_as_space_keeps_the_channels():
+    x = torch.randn(2, 3, 8)
+    gm = granular.prepare(UnbatchedPool(), x)
+    assert "a" not in gm.granular_gates.filter and "b" in gm.granular_gates.filter
+    for seed in range(3):  # (a tiny model: some masks leave it no smaller, so check exactness only)
+        res = check_export(UnbatchedPool(), x, seed=seed)
+        assert res.rel_err <= 1e-4 and res.counted == res.exported, f"seed {seed}: {res.reason}"
+
+
+class PositionEmbedding(nn.Module):
+    """NesT-style: the whole trunk before ``+ pos_embed`` is one branch of that sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid = _conv_bn(3, 8), _conv_bn(8, 8)
+        self.pos = nn.Parameter(torch.randn(1, 8, 4, 4))
+        self.fc1, self.fc2 = nn.Conv2d(8, 12, 1), nn.Conv2d(12, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.mid(self.stem(x)) + self.pos
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_pruning_the_branch_beside_a_parameter_exports_exactly_with_the_same_inputs():
+    x = torch.randn(1, 3, 4, 4)  # batch 1: x and pos_embed have one shape, so their add is a sum
+    model = randomize_norms_(PositionEmbedding().eval())
+    gm = granular.prepare(model, x)
+    trunk = [k for k in gm.granular_gates.op if "fc" not in k]
+    assert trunk, list(gm.granular_gates.op)
+    with torch.no_grad():
+        for k in trunk:
+            gm.granular_gates.op[k].mask.fill_(0.0)
+    gm.eval()
+    compact = granular.export(gm)
+    torch.testing.assert_close(compact(x), gm(x), rtol=1e-5, atol=1e-5)  # constant, but it still takes x
+    _count(gm, compact)
+
+
+class SpatialSizes(nn.Module):
+    """``b, c, h, w = y.shape`` with only b, h and w used: y's channels stay prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(3, 8)
+        self.a = _conv_bn(8, 6)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.a(self.stem(x))
+        b, c, h, w = y.shape
+        return self.head(y).reshape(b, 4, h * w)
+
+
+def test_sizes_other_than_the_channel_count_leave_channels_prunable():
+    x = torch.randn(2, 3, 8, 8)
+    gm = granular.prepare(SpatialSizes(), x)
+    assert "a_0" in gm.granular_gates.filter
+    res = check_export(SpatialSizes(), x, seed=0)
+    assert res.ok, res.reason
