@@ -16,7 +16,7 @@ from granular.passes.export import export_graph
 from granular.passes.pipelines import gate_pipeline
 from granular.passes.trace import AUTO_LEAVES, trace
 
-__all__ = ["prepare", "export"]
+__all__ = ["prepare", "export", "gate_start"]
 
 
 def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
@@ -46,6 +46,7 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
                auto_leaf=auto_leaf)
     gm = gate_pipeline(gm, config)
     bank = gate_bank(gm)
+    _set_gate_start(bank, gate_start(model, config))
     if not (len(bank.op) or len(bank.filter) or len(bank.weight)):
         whole = sorted({row["type"] for row in gm.meta.get(AUTO_LEAVES, [])})
         kept = f" (kept whole because they do not trace: {', '.join(whole)})" if whole else ""
@@ -53,6 +54,24 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
                             f"and every conv/linear has fixed channels or is the stem/head; check the model with "
                             f"`granular inspect`, or enable mask_stem/mask_head in GateConfig")
     return gm
+
+
+def gate_start(model: nn.Module, config: GateConfig | None) -> str:
+    """``"identity"`` or ``"half"``: the resolved :attr:`GateConfig.start` for ``model``."""
+    start = (config or GateConfig()).start
+    if start == "auto":
+        start = getattr(model, "granular_gate_start", "identity")
+    if start not in ("identity", "half"):
+        raise GranularError(f"{type(model).__name__}.granular_gate_start is {start!r}: use 'identity' or 'half'")
+    return start
+
+
+@torch.no_grad()
+def _set_gate_start(bank, start: str) -> None:
+    """Gains of 2 make every α/β gate 1 at a = 0 (``2 σ(0)``): the gated model is the model."""
+    gain = 2.0 if start == "identity" else 1.0
+    for g in [*bank.op.values(), *bank.filter.values()]:
+        g.gain.fill_(gain)
 
 
 def export(gm: fx.GraphModule) -> fx.GraphModule:

@@ -102,12 +102,16 @@ class _MaskedWeight(torch.autograd.Function):
         return grad_w, grad_t, None
 
 
-def gate_value(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, training: bool):
-    """The scaled gate ``M(σ(a))``: thresholded in training, stored mask only in eval. The
-    gates use it, and so does the fused kernel module (:mod:`granular.kernels.module`)."""
-    if training:
-        return _SigmoidGate.apply(a, t, mask)
-    return torch.sigmoid(a) * mask
+def gate_value(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, training: bool,
+               gain: torch.Tensor | None = None):
+    """The scaled gate ``gain · M(σ(a))``: thresholded in training, stored mask only in eval.
+    The gates use it, and so does the fused kernel module (:mod:`granular.kernels.module`).
+
+    ``gain`` is a constant (a buffer): 1 keeps the paper's gate, which starts at σ(0) = 0.5;
+    2 makes the gate start as the identity of the model it wraps, so a trained model keeps
+    its function when it is prepared. Thresholds always compare σ(a), not the product."""
+    g = _SigmoidGate.apply(a, t, mask) if training else torch.sigmoid(a) * mask
+    return g if gain is None else g * gain
 
 
 def masked_weight(w: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -134,13 +138,14 @@ class OpGate(nn.Module):
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(()))
         self.register_buffer("mask", torch.ones(()))
+        self.register_buffer("gain", torch.ones(()))
 
     def value(self, t_alpha: torch.Tensor) -> torch.Tensor:
-        return gate_value(self.alpha, t_alpha, self.mask, self.training)
+        return gate_value(self.alpha, t_alpha, self.mask, self.training, self.gain)
 
     def eval_value(self) -> torch.Tensor:
         """The committed gate value (what eval mode multiplies by), without gradient."""
-        return (torch.sigmoid(self.alpha) * self.mask).detach()
+        return (torch.sigmoid(self.alpha) * self.mask * self.gain).detach()
 
     def forward(self, x: torch.Tensor, t_alpha: torch.Tensor) -> torch.Tensor:
         return x * self.value(t_alpha)
@@ -157,13 +162,14 @@ class FilterGate(nn.Module):
         self.channels_last = channels_last
         self.beta = nn.Parameter(torch.zeros(channels))
         self.register_buffer("mask", torch.ones(channels))
+        self.register_buffer("gain", torch.ones(()))
 
     def value(self, t_beta: torch.Tensor) -> torch.Tensor:
-        return gate_value(self.beta, t_beta, self.mask, self.training)
+        return gate_value(self.beta, t_beta, self.mask, self.training, self.gain)
 
     def eval_value(self) -> torch.Tensor:
         """The committed gate values (what eval mode multiplies by), without gradient."""
-        return (torch.sigmoid(self.beta) * self.mask).detach()
+        return (torch.sigmoid(self.beta) * self.mask * self.gain).detach()
 
     def forward(self, x: torch.Tensor, t_beta: torch.Tensor) -> torch.Tensor:
         g = self.value(t_beta)
@@ -176,21 +182,28 @@ class FilterGate(nn.Module):
 
 
 class WeightMask(nn.Module):
-    """ω mask: ``M(ω) = S(|ω| - t_ω) * ω`` applied to a layer's weight before the layer."""
+    """ω mask: ``M(ω) = S(|ω| - t_ω · scale) * ω`` applied to a layer's weight before the layer.
+
+    ``scale`` (a buffer, the mean kept ``|ω|`` of the layer when its thresholds are set) puts
+    ``t_ω`` on a per-layer normalised scale: ``t_ω = 0.3`` prunes the weights under 0.3 of
+    the layer's mean magnitude, whatever the layer's raw magnitudes. Without it one ``t_ω``
+    per op would compare raw magnitudes that differ by orders of magnitude between layers,
+    and λ could not move it far enough to prune (the weight granularity stayed inert)."""
 
     def __init__(self, shape: torch.Size):
         super().__init__()
         self.register_buffer("mask", torch.ones(shape))
+        self.register_buffer("scale", torch.ones(()))
 
     def value(self, weight: torch.Tensor, t_omega: torch.Tensor) -> torch.Tensor:
         """The 0/1 keep-mask of ``weight`` (no gradient path; for accounting and rounds)."""
         if self.training:
-            return (weight.abs() >= t_omega).to(weight.dtype) * self.mask
+            return (weight.abs() >= t_omega * self.scale).to(weight.dtype) * self.mask
         return self.mask
 
     def forward(self, weight: torch.Tensor, t_omega: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return masked_weight(weight, t_omega, self.mask)
+            return masked_weight(weight, t_omega * self.scale, self.mask)
         return weight * self.mask
 
 

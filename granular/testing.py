@@ -53,16 +53,18 @@ def random_masks_(gm: fx.GraphModule, op: float = 0.3, filter: float = 0.3, weig
 
 @torch.no_grad()
 def open_gates_(gm: fx.GraphModule) -> fx.GraphModule:
-    """Open every gate fully: σ = 1, masks 1, thresholds 0. The gated graph then computes
+    """Open every gate fully: σ = 1, gains 1, masks 1, thresholds 0. The gated graph then computes
     exactly what the ungated one does (``docs/design.md``, invariant 4)."""
     bank = gate_bank(gm)
     for m in bank.modules():
         if isinstance(m, OpGate):
             m.alpha.fill_(60.0)
             m.mask.fill_(1.0)
+            m.gain.fill_(1.0)
         elif isinstance(m, FilterGate):
             m.beta.fill_(60.0)
             m.mask.fill_(1.0)
+            m.gain.fill_(1.0)
         elif isinstance(m, WeightMask):
             m.mask.fill_(1.0)
     for name, p in bank.scopes.named_parameters():

@@ -86,7 +86,8 @@ class GatedConv2d(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], t_omega: Optional[torch.Tensor],
                 wmask: Optional[torch.Tensor], gates: Sequence[Sequence[torch.Tensor]] = (),
                 out_masks: Sequence[torch.Tensor] = (), in_zero: Sequence[Sequence[torch.Tensor]] = ()) -> torch.Tensor:
-        """``gates``: ``(param, threshold, stored mask)`` per epilogue gate, in ``self.epilogue`` order."""
+        """``gates``: ``(param, threshold, stored mask, gain)`` per epilogue gate, in ``self.epilogue``
+        order; ``t_omega`` is already on the weight's scale (``t_ω · WeightMask.scale``)."""
         from granular.kernels import masked_conv2d
 
         if wmask is None:
@@ -96,15 +97,15 @@ class GatedConv2d(nn.Module):
         else:
             t = t_omega
         scale = None
-        for param, thr, mask in gates:
-            g = gate_value(param, thr, mask, self.training)
+        for param, thr, mask, *gain in gates:
+            g = gate_value(param, thr, mask, self.training, gain[0] if gain else None)
             scale = g if scale is None else scale * g
         if scale is not None and scale.dim() == 0:
             scale = scale.expand(w.shape[0])
         shift = None
         if bias is not None:
             shift = bias * scale if scale is not None else bias
-        gate_masks = [m for _, _, m in gates]
+        gate_masks = [g[2] for g in gates]
         in_idx, out_idx = self.active_channels(x, w, wmask, shift is not None, [*gate_masks, *out_masks], in_zero)
         return masked_conv2d(x, w, t, wmask, scale, shift, in_idx=in_idx, out_idx=out_idx, stride=self.stride,
                              padding=self.padding, dilation=self.dilation, groups=self.groups,

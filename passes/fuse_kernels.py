@@ -27,6 +27,8 @@ Convs that are not groups=1 or depthwise, 1-d convs and string paddings are left
 
 from __future__ import annotations
 
+import operator
+
 from typing import Optional
 
 import torch
@@ -126,10 +128,13 @@ class FuseKernels(PassBase):
                     return graph.get_attr(target)
 
                 wmask = attr(wmask_target) if wmask_target else None
+                if wmask_target:  # t_ω is on the layer's normalised scale (WeightMask.scale)
+                    t = graph.call_function(operator.mul, (t, attr(wmask_target[:-len("mask")] + "scale")))
                 gates = []
                 for g in epilogue:
                     pname = "beta" if g.meta[GATE].kind == "filter" else "alpha"
-                    gates.append((attr(f"{g.target}.{pname}"), g.args[1], attr(f"{g.target}.mask")))
+                    gates.append((attr(f"{g.target}.{pname}"), g.args[1], attr(f"{g.target}.mask"),
+                                  attr(f"{g.target}.gain")))
                 out_masks = [attr(f"{g.target}.mask") for g in out_gates]
                 in_zero = [[attr(f"{g.target}.mask") for g in clause] for clause in (_zero_clauses(gm, x, memo) or [])]
             name = str(w.target).rsplit(".", 1)[0].replace(".", "_") if w.op == "get_attr" else conv.name

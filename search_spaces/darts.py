@@ -315,6 +315,9 @@ class DartsSearchNet(nn.Module):
         GranularError: If a size is not a positive integer.
     """
 
+    # trained from scratch by the search: the paper's gates, starting at σ(0) = 0.5
+    granular_gate_start = "half"
+
     def __init__(self, num_classes: int, in_channels: int = 3, C: int = 24, cells: int = 8,
                  nodes: int = 4, stem_multiplier: int = 3) -> None:
         super().__init__()

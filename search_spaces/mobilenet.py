@@ -169,6 +169,9 @@ class MobileNetSpace(nn.Module):
         GranularError: on a bad block string or size.
     """
 
+    # trained from scratch by the search: the paper's gates, starting at σ(0) = 0.5
+    granular_gate_start = "half"
+
     def __init__(self, arch: Sequence[str] = MOBILENET_ARCH, num_classes: int = 1000, in_channels: int = 3, *,
                  stem: int = 32, head: int = 1280, stem_stride: int = 2):
         super().__init__()

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import granular
+from granular.config import GateConfig
 from granular.gates import FilterGate
 from granular.meta import GATE
 from granular.search_spaces import build_search_space
@@ -82,3 +83,44 @@ def test_eval_mode_uses_stored_masks_only():
         for p in s.parameters():
             p.data.fill_(10.0)  # every live mask would be 0 in training mode
     torch.testing.assert_close(gm(x), before)
+
+
+def _trained_cnn():
+    """A small CNN trained on digits for a few hundred steps: its weights and BN statistics are
+    far from their initial values, as a user's trained model is."""
+    from granular.data import load_data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    data = load_data("digits", seed=0, batch_size=64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(4):
+        for x, y in data.train_loader(0):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval(), data
+
+
+@pytest.mark.parametrize("start", ["auto", "identity"])
+def test_prepare_keeps_a_trained_models_function(start):
+    model, data = _trained_cnn()
+    x = next(iter(data.val_loader()))[0]
+    gm = granular.prepare(model, x[:2], GateConfig(start=start)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)
+        acc = lambda m: float((m(x).argmax(1) == next(iter(data.val_loader()))[1]).float().mean())  # noqa: E731
+    assert acc(model) > 0.5 and acc(gm) == acc(model)
+
+
+def test_search_space_presets_keep_the_papers_half_start():
+    gm = granular.prepare(build_search_space("darts:tiny", 10, 1), example())
+    bank = gm.granular_gates
+    gains = [float(g.gain) for g in [*bank.op.values(), *bank.filter.values()]]
+    assert gains and set(gains) == {1.0}  # σ(0) = 0.5: the gate is a half, as in the paper
+    half = granular.prepare(user_model("resnet_like"), example(), GateConfig(start="half"))
+    assert {float(g.gain) for g in half.granular_gates.filter.values()} == {1.0}
+    ident = granular.prepare(user_model("resnet_like"), example())
+    assert {float(g.gain) for g in ident.granular_gates.filter.values()} == {2.0}
