@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from granular.errors import GranularError
 
@@ -76,6 +76,11 @@ class GateConfig(GranularConfig):
         mask_stem: also mask the layers that read the graph input (the paper: stem
             weights are not gated).
         mask_head: also mask the layers whose outputs reach the graph output (the classifier).
+        start: how α and β gates start. ``"identity"``: the gated model computes what the model
+            did (the gate is ``2 σ(a)``, 1 at a = 0), so a trained model keeps its accuracy;
+            ``"half"``: the paper's ``σ(0) = 0.5``, for models trained from scratch;
+            ``"auto"``: ``"half"`` for models that declare it (the search-space presets set
+            ``granular_gate_start = "half"``), else ``"identity"``.
     """
 
     op_gates: bool = True
@@ -83,6 +88,10 @@ class GateConfig(GranularConfig):
     weight_masks: bool = True
     mask_stem: bool = False
     mask_head: bool = False
+    start: str = "auto"
+
+    def __post_init__(self):
+        self._check(self.start in ("auto", "identity", "half"), "start must be 'auto', 'identity' or 'half'")
 
 
 def parse_size(value: str | int | float) -> int:
@@ -125,14 +134,19 @@ class SearchConfig(GranularConfig):
         grad_clip: gradient-norm clip on the weights.
         threshold_init: ``"min"`` (the journal's rule: the minimum of the current
             granularity parameters) or ``"zero"`` (the released code).
+        threshold_margin: thresholds start (and are re-anchored after each round) this
+            fraction below the smallest kept gate of their scope, so that no unit is pruned by
+            noise before λ has pushed it.
         mu: weight of the parameter cost in the resource loss (0 = uniform per-op penalty).
-        lambda_step: the initial Δ of the adaptive λ controller.
-        prune_low, prune_high: a round pruned too little / too much when it removed less /
-            more than this fraction of the remaining excess (count - target).
-        excess_floor: the remaining excess is floored at this fraction of the target, so
-            that rounds near the target still make progress.
-        land: when a round would overshoot, commit only the units furthest below their
-            thresholds, just enough to meet the target.
+        schedule: the budget controller's per-round quota (:mod:`granular.driver.controller`):
+            ``"cubic"`` (Zhu & Gupta's gradual schedule) or ``"linear"`` (excess / rounds left).
+        lambda_init: λ when the thresholds are set; None picks the λ that raises a
+            threshold by about ``lambda_rise`` per round (from the learning rate, momentum and
+            steps per round).
+        lambda_rise: the threshold rise per round that the automatic ``lambda_init`` aims at.
+        lambda_grow_max: the most one round may multiply λ by.
+        land: commit at most each round's quota (the units furthest below their thresholds
+            first), and at the last round land on the target.
         land_within: a landing this close below the target (fraction) is good enough;
             further off, the overshooting unit is set aside and the landing retried.
         land_attempts: how many times a landing may be retried.
@@ -164,16 +178,17 @@ class SearchConfig(GranularConfig):
     lr_weights: float = 0.01
     lr_gates: float = 1.0
     lr_thresholds: float = 0.1
-    lr_t_omega: float = 0.001
+    lr_t_omega: float = 0.1
     weight_decay: float = 3e-4
     momentum: float = 0.9
     grad_clip: float = 5.0
     threshold_init: str = "min"
+    threshold_margin: float = 0.2
     mu: float = 0.0
-    lambda_step: float = 1e-5
-    prune_low: float = 0.1
-    prune_high: float = 0.4
-    excess_floor: float = 0.1
+    schedule: str = "cubic"
+    lambda_init: Optional[float] = None
+    lambda_rise: float = 0.05
+    lambda_grow_max: float = 4.0
     land: bool = True
     land_within: float = 0.01
     land_attempts: int = 4
@@ -200,7 +215,11 @@ class SearchConfig(GranularConfig):
         self._check(self.prune_every >= 1, "prune_every must be at least 1")
         self._check(self.batch_size >= 1, "batch_size must be at least 1")
         self._check(self.threshold_init in ("min", "zero"), "threshold_init must be 'min' or 'zero'")
-        self._check(0 <= self.prune_low < self.prune_high, "need 0 <= prune_low < prune_high")
+        self._check(0 <= self.threshold_margin < 1, "threshold_margin must be in [0, 1), e.g. 0.2")
+        self._check(self.schedule in ("cubic", "linear"), "schedule must be 'cubic' or 'linear'")
+        self._check(self.lambda_init is None or self.lambda_init >= 0, "lambda_init must be non-negative")
+        self._check(self.lambda_rise > 0, "lambda_rise must be positive")
+        self._check(self.lambda_grow_max >= 1.5, "lambda_grow_max must be at least 1.5")
         self._check(self.mu >= 0, "mu must be non-negative")
         self._check(self.bn_recalibration_batches >= 0, "bn_recalibration_batches must be non-negative")
         self._check(self.multi_stage in ("auto", "on", "off"), "multi_stage must be 'auto', 'on' or 'off'")

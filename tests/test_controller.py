@@ -36,15 +36,26 @@ def test_a_round_that_fell_short_is_made_up_by_the_rounds_after_it():
     assert c.plan(10_000, 4_000, 2).quota == 3_000 > first.quota
 
 
-def test_lambda_rises_toward_the_rate_that_delivers_the_quota_and_never_falls():
+def test_lambda_rises_toward_the_rate_that_delivers_the_quota():
     c = BudgetController("cubic", 0.01, lambda_grow_max=4.0)
     plan = c.plan(10_000, 1_000, 5)
     assert c.update(plan, supply=0) == "raise" and c.lam == pytest.approx(0.04)        # capped at 4x
     assert c.update(plan, supply=plan.quota // 2) == "raise" and c.lam == pytest.approx(0.08)  # 2x short
     assert c.update(plan, supply=int(plan.quota * 0.9)) == "raise" and c.lam == pytest.approx(0.12)  # at least 1.5x
-    # a round with more supply than quota left the model above its target: λ holds
-    assert c.update(plan, supply=plan.quota * 10) == "hold" and c.lam == pytest.approx(0.12)
-    assert c.state["rounds"] == 4
+    # a round that supplied its quota, or up to twice it, left the model above its target: λ holds
+    assert c.update(plan, supply=plan.quota) == "hold" and c.lam == pytest.approx(0.12)
+    assert c.update(plan, supply=plan.quota * 2) == "hold" and c.lam == pytest.approx(0.12)
+    assert c.state["rounds"] == 5
+
+
+def test_lambda_eases_only_when_supply_is_far_above_the_quota():
+    c = BudgetController("cubic", 1.0, lambda_grow_max=4.0)
+    plan = c.plan(10_000, 1_000, 5)
+    assert c.update(plan, supply=plan.quota * 3) == "ease" and c.lam == pytest.approx(2 / 3)  # down to 2x
+    assert c.update(plan, supply=plan.quota * 100) == "ease" and c.lam == pytest.approx(2 / 3 / 4)  # at most /4
+    # the deadline round decides nothing about λ
+    last = c.plan(10_000, 1_000, 1)
+    assert c.update(last, supply=0) == "hold" and c.lam == pytest.approx(2 / 3 / 4)
 
 
 def test_nothing_is_planned_while_lambda_is_zero_except_at_the_deadline():

@@ -43,11 +43,11 @@ CLI = ["search", RESNET, "--target-params", "4K", "--seed", "3", "--warmup-epoch
 EPOCHS, STOP_AT = 6, 3
 
 # The equality run: no BatchNorm, rounds every epoch, λ rising fast enough to prune in a few epochs.
-PLAIN = dict(target_params=2000, epochs=7, warmup_epochs=2, prune_every=1, batch_size=32, lambda_step=1e-3,
+PLAIN = dict(target_params=2000, epochs=7, warmup_epochs=2, prune_every=1, batch_size=32, lambda_init=1e-3,
              lr_weights=0.1, bn_recalibration_batches=0, seed=5)
 # The multi-stage run: two resolutions, so stage 1 (aux head), stage 2, regrowth, final.
-MULTI = dict(target_params=1500, epochs=8, warmup_epochs=1, prune_every=1, batch_size=32, lambda_step=3e-3,
-             bn_recalibration_batches=2, multi_stage="on", stage_keep=0.6, regrow=1.0, land=False, seed=1)
+MULTI = dict(target_params=1500, epochs=8, warmup_epochs=1, prune_every=1, batch_size=32, lambda_init=3e-2,
+             bn_recalibration_batches=2, multi_stage="on", stage_keep=0.4, regrow=1.0, seed=1)
 LIMIT = 384
 
 
@@ -187,17 +187,30 @@ def ddp(tmp_path_factory):
     return out
 
 
-def _cli(out: Path, name: str, *args: str) -> int:
-    """``granular search`` as torchrun's workers run it, with this rank's stderr kept in a file."""
+def _cli(out: Path, name: str, *args: str, kill_after: int = 0) -> int:
+    """``granular search`` as torchrun's workers run it, with this rank's stderr kept in a file;
+    ``kill_after`` interrupts both ranks right after that epoch's checkpoint (a killed run)."""
     import contextlib
     import io
 
     from granular import distributed
     from granular.cli import main
+    from granular.driver.checkpoint import CheckpointMixin
+
+    write = CheckpointMixin.checkpoint
+
+    def killed(self):
+        write(self)
+        if self.state["epoch"] == kill_after:
+            raise KeyboardInterrupt
 
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main([*CLI, *args])
+    CheckpointMixin.checkpoint = killed if kill_after else write
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main([*CLI, *args])
+    finally:
+        CheckpointMixin.checkpoint = write
     (out / f"{name}{distributed.local_rank()}.err").write_text(err.getvalue())
     return code
 
@@ -220,7 +233,8 @@ def _worker(out: Path) -> None:
     rank = distributed.rank()
     assert rank == distributed.local_rank() == int(os.environ["RANK"])
     codes = {"full": _cli(out, "full", "--epochs", str(EPOCHS), "--out", str(out / "full")),
-             "stopped": _cli(out, "stopped", "--epochs", str(STOP_AT), "--out", str(out / "resumed")),
+             "stopped": _cli(out, "stopped", "--epochs", str(EPOCHS), "--out", str(out / "resumed"),
+                             kill_after=STOP_AT),
              "resumed": _cli(out, "resumed", "--epochs", str(EPOCHS), "--out", str(out / "resumed"), "--resume"),
              "odd": _cli(out, "odd", "--epochs", "2", "--batch-size", "33", "--out", str(out / "odd"))}
     assert dist.is_initialized()  # the caller's group is the caller's to end
@@ -286,9 +300,11 @@ def test_two_processes_prune_like_one_process_on_the_same_global_batches(ddp, on
         _assert_equal_tensors(a["masks"], b["masks"], f"epoch {epoch}: masks")
         assert a["state"]["params"] == b["state"]["params"] and a["state"]["rounds"] == b["state"]["rounds"]
         assert a["state"]["lambda"] == pytest.approx(b["state"]["lambda"], rel=1e-12)
+        # the all-reduce sums the two halves of a batch in another order than one process does: at lr 0.1
+        # that float drift grows to ~4e-5 on weights of size ~1 by epoch 6 (a wrong average would be O(1))
         for k in a["tensors"]:
-            torch.testing.assert_close(a["tensors"][k], b["tensors"][k], rtol=1e-4, atol=1e-5, msg=k)
-        assert a["stats"]["loss"] == pytest.approx(b["stats"]["loss"], rel=1e-5)
+            torch.testing.assert_close(a["tensors"][k], b["tensors"][k], rtol=1e-3, atol=2e-4, msg=k)
+        assert a["stats"]["loss"] == pytest.approx(b["stats"]["loss"], rel=1e-4)
         assert a["stats"]["train_acc"] == b["stats"]["train_acc"]
 
 
@@ -307,7 +323,8 @@ def test_multi_stage_ranks_stay_identical_through_heads_and_regrowth(ddp):
 def test_ddp_run_resumes_to_the_uninterrupted_result(ddp):
     codes = [json.loads((ddp / f"codes{r}.json").read_text()) for r in range(WORLD)]
     assert codes[0] == codes[1]
-    assert codes[0]["full"] == codes[0]["stopped"] == codes[0]["resumed"] == 3  # the target is far off
+    assert codes[0]["stopped"] == 130  # killed after epoch STOP_AT
+    assert codes[0]["full"] == codes[0]["resumed"] == 0  # both land at the budget's last round
     full, resumed = ddp / "full", ddp / "resumed"
     assert _rows(resumed) == _rows(full)
     a = torch.load(full / "checkpoint.pt", weights_only=False)

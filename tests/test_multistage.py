@@ -85,11 +85,12 @@ def _multi(data, **kw):
 
 @torch.no_grad()
 def _prune_ops(s, keys):
-    """Push ``keys`` below their thresholds and run a round of the current stage."""
+    """Push ``keys`` below their thresholds and run a last round of the current stage (one
+    that may commit every unit below threshold)."""
     for k in keys:
         s.bank.op[k].alpha.fill_(-10.0)
         s.bank.scopes[k].t_alpha.fill_(0.5)
-    return s.pruning_round(goal=0, count=lambda: s.stage_counts()[s.phase],
+    return s.pruning_round(goal=0, count=s.built_count, rounds_left=1,
                            allowed=lambda kind, key: kind == "op" and key in keys)
 
 
@@ -204,3 +205,27 @@ def test_single_resolution_model_stops_or_falls_back(small_digits, tmp_path, cap
     gm = granular.prepare(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(3)), torch.randn(1, 1, 8, 8))
     with pytest.raises(GranularError, match="single resolution"):
         MultiStageSearcher(gm, small_digits, SearchConfig(target_params=10, multi_stage="on"), progress=False)
+
+
+def test_multi_stage_search_reaches_its_target_and_stages_keep_their_thresholds(small_digits):
+    s = _multi(small_digits, target_params=40_000, epochs=12, prune_every=1)
+    seen = []
+    real = s.enter_phase
+
+    def spy(phase, fresh):
+        stage1 = {sid: float(sc.t_alpha.detach()) for sid, sc in s.bank.scopes.items()
+                  if hasattr(sc, "t_alpha") and s.scope_stage.get(sid) == 0}
+        real(phase, fresh)
+        s.init_thresholds()  # what the loop does when the phase's search starts
+        s.state["thresholds_initialised"] = False
+        seen.append((phase, stage1, {sid: float(s.bank.scopes[sid].t_alpha.detach()) for sid in stage1}, s.state["lambda"]))
+
+    s.enter_phase = spy
+    result = s.run()
+    assert result.reached and 0.97 * 40_000 <= result.params.nonzero <= 40_000
+    assert [p for p, *_ in seen][:1] == [1]
+    for phase, before, after, lam in seen:  # a new phase leaves stage 1's thresholds and λ as they were
+        assert before == after and lam > 0
+    stage_ends = [r["stage_end"] for r in result.history if "stage_end" in r]
+    assert [e["stage"] for e in stage_ends] == list(range(1, s.n_stages + 1))  # every stage, then the final phase
+    assert all(e["goal_met"] and e["params"] <= e["goal"] for e in stage_ends)

@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None, help="default 96")
     s.add_argument("--threshold-init", choices=("min", "zero"), default=None)
     s.add_argument("--mu", type=float, default=None, help="parameter-cost weight in the resource loss")
+    s.add_argument("--schedule", choices=("cubic", "linear"), default=None,
+                   help="per-round pruning quota from the rounds left: cubic (default, Zhu & Gupta) or linear")
+    s.add_argument("--lambda-init", type=float, default=None,
+                   help="λ when the thresholds are set (default: from the learning rate and steps per round)")
+    s.add_argument("--threshold-margin", type=float, default=None,
+                   help="thresholds start this fraction below the smallest gate of their scope (default 0.2)")
+    s.add_argument("--gate-start", choices=("auto", "identity", "half"), default=None,
+                   help="identity: gates start as the model's own function (for trained models); half: the "
+                        "paper's σ(0)=0.5 (search spaces); auto (default): half for search spaces, else identity")
     st = s.add_mutually_exclusive_group()
     st.add_argument("--multi-stage", dest="multi_stage", action="store_const", const="on",
                     help="search stage by stage, split by resolution (default for models with 3+ resolutions)")
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
+        from granular import distributed
+        if distributed.is_main():  # one line per run, not one per process
+            print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
         return 130
 

@@ -32,8 +32,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     mapping = {"epochs": "epochs", "warmup_epochs": "warmup_epochs", "prune_every": "prune_every",
                "batch_size": "batch_size", "threshold_init": "threshold_init", "mu": "mu", "seed": "seed",
                "multi_stage": "multi_stage", "stage_keep": "stage_keep", "regrow": "regrow",
-               "kernels": "kernels"}
+               "kernels": "kernels", "schedule": "schedule", "lambda_init": "lambda_init",
+               "threshold_margin": "threshold_margin"}
     out = {field: getattr(args, arg, None) for arg, field in mapping.items() if getattr(args, arg, None) is not None}
+    if getattr(args, "gate_start", None) is not None:
+        out["gates"] = {"start": args.gate_start}
     if getattr(args, "stage_fallback", False):
         out["single_resolution"] = "fallback"
     return out

@@ -100,8 +100,13 @@ def search(gm: fx.GraphModule, train_data, target_params: float | int | None = N
 
     Args:
         gm: a gated graph from :func:`granular.prepare`; it is trained in place.
-        train_data: a :class:`granular.data.DataBundle` (or anything with
-            ``train_loader(epoch)`` and optionally ``val_loader()``).
+        train_data: a :class:`granular.data.DataBundle`, or anything with the same parts:
+            ``train_loader(epoch)`` (that epoch's batches of ``(images, labels)``, the same
+            batches each time it is asked, so that ``resume`` repeats them; under torchrun
+            also ``train_loader(epoch, rank=, world_size=)``), ``train_set`` (a dataset of
+            ``(image, label)``: BatchNorm recalibration draws ``batch_size`` batches from it)
+            and ``batch_size``; ``val_loader()`` is optional (without it there is no
+            validation accuracy).
         target_params: the nonzero-parameter target (overrides ``config.target_params``).
         config: a :class:`~granular.config.SearchConfig` or
             :class:`~granular.config.MultiStageConfig`; its type picks the driver.

@@ -21,13 +21,17 @@ plans against the budget instead:
 * **λ** starts above 0 and moves multiplicatively toward the rate that delivers the quota:
   a round whose supply (what every unit below threshold would have removed) fell short of
   its quota raises λ by ``quota / supply`` (between ``lambda_grow_min`` and
-  ``lambda_grow_max``); otherwise λ holds. It is never cut because of a round that left
-  the model above its target. While λ is 0 nothing is pruned, except at the deadline.
+  ``lambda_grow_max``). It is never cut because the model is still above its target (the
+  old rule that froze λ); it eases only when the thresholds supplied more than
+  ``ease_above`` times the quota, down to that rate (at most ``1 / lambda_grow_max`` per
+  round): a λ far above the quota's rate pushes the live thresholds past most gates between
+  rounds, and training accuracy collapses even though the rounds commit only the quota.
+  While λ is 0 nothing is pruned, except at the deadline.
 
 The controller holds no tensors: its state is a small dict that a driver keeps in its
-checkpointed ``state``. It decides; the driver applies. It is not yet wired into the
-:class:`~granular.driver.searcher.Searcher`'s rounds (``round_goal`` / ``decide_round`` are
-the seam); until it is, the search keeps the method's λ rule.
+checkpointed ``state`` (the :class:`~granular.driver.searcher.Searcher` passes its own
+``state``, so ``state["lambda"]`` is the one λ). It decides; the driver applies
+(:mod:`granular.driver.rounds`).
 """
 
 from __future__ import annotations
@@ -67,11 +71,13 @@ class BudgetController:
     """
 
     def __init__(self, schedule: str = "cubic", lambda_init: float = 1e-2, *, lambda_grow_min: float = 1.5,
-                 lambda_grow_max: float = 4.0, lambda_max: float = 1e3, state: dict[str, Any] | None = None):
+                 lambda_grow_max: float = 4.0, lambda_max: float = 1e3, ease_above: float = 2.0,
+                 state: dict[str, Any] | None = None):
         if schedule not in ("cubic", "linear"):
             raise ValueError(f"schedule must be 'cubic' or 'linear', not {schedule!r}")
         self.schedule = schedule
         self.lambda_grow_min, self.lambda_grow_max, self.lambda_max = lambda_grow_min, lambda_grow_max, lambda_max
+        self.ease_above = ease_above
         # ``state`` is used in place (not copied), so a driver can keep it inside its own state
         self.state: dict[str, Any] = state if state is not None else {}
         self.state.setdefault("lambda", float(lambda_init))
@@ -109,9 +115,15 @@ class BudgetController:
 
     def update(self, plan: RoundPlan, supply: int) -> str:
         """Adapt λ after a round whose units below threshold would have removed ``supply``
-        parameters (before the quota capped them). Returns ``"raise"`` or ``"hold"``."""
+        parameters (before the quota capped them). Returns ``"raise"``, ``"ease"`` or ``"hold"``."""
         self.state["rounds"] = int(self.state["rounds"]) + 1
-        if plan.quota <= 0 or supply >= plan.quota or self.lam <= 0:
+        if plan.quota <= 0 or plan.deadline or self.lam <= 0:
+            return "hold"
+        if supply > self.ease_above * plan.quota:
+            factor = max(self.ease_above * plan.quota / supply, 1.0 / self.lambda_grow_max)
+            self.state["lambda"] = self.lam * factor
+            return "ease"
+        if supply >= plan.quota:
             return "hold"
         factor = plan.quota / max(supply, 1)
         factor = min(max(factor, self.lambda_grow_min), self.lambda_grow_max)

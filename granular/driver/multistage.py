@@ -7,10 +7,13 @@ into n stages (3 by default). The search then runs n + 1 phases:
   auxiliary head (:mod:`granular.heads`) on the stage's last feature map; stage n - 1 ends in
   the real classifier. Later stages are not in the training graph, so they are neither
   computed nor moved to the device. The phase starts with ``warmup_epochs`` of weights-only
-  training, then re-initialises every threshold and prunes: the current stage every
-  ``prune_every`` (e2) epochs, earlier stages every ``reprune_every`` (e1) epochs, until the
-  current stage's nonzero parameters fall to ``stage_keep`` of what they were at the phase
-  start (or the phase's share of the epochs is spent).
+  training, then sets the current stage's thresholds (earlier stages keep theirs, and λ
+  carries over) and prunes: the current stage every ``prune_every`` (e2) epochs, earlier
+  stages every ``reprune_every`` (e1) epochs. The phase's goal is on the stages built so far:
+  the earlier stages' count at the phase start plus ``stage_keep`` of the current stage's, so
+  what re-pruning removes from earlier stages counts toward it. The budget controller plans
+  the phase's rounds against the phase's share of the epochs, as the final phase's against
+  the search's, and the phase ends when its goal is met or its epochs are spent.
 * **regrowth** after each stage from the second on: ``round(regrow × ops pruned in the
   phase)`` ops come back, shared across (cell, op type) in proportion to the potential
   ½ (mean σ(α) + mean |momentum of σ(α)|) of the active ops of that (cell, type), picked at
@@ -115,8 +118,13 @@ class MultiStageSearcher(Searcher):
         self.num_classes = shape[1]
         self.head = None
         self.snapshots: dict[str, dict[str, Any]] = {}
+        self.scope_stage: dict[str, int] = {}
+        for (kind, key), st in self.unit_stage.items():
+            sid = key if kind == "op" else (self.struct.filter_scope if kind == "filter" else self.struct.layer_scope)[key]
+            self.scope_stage[sid] = min(st, self.scope_stage.get(sid, st))
         self.state.update({"phase": 0, "phase_epoch": 0, "phase_first_epoch": 0, "phase_start": None,
-                           "phase_goal": None, "phase_pruned_ops": [], "phase_allot": None})
+                           "phase_goal": None, "phase_pruned_ops": [], "phase_allot": None,
+                           "stages_initialised": []})
         self.enter_phase(0, fresh=True)
 
     # ----------------------------------------------------------------- phases
@@ -131,6 +139,26 @@ class MultiStageSearcher(Searcher):
     def stage_counts(self) -> dict[int, ParamCount]:
         return count_params_by_stage(self.gm)
 
+    def built_count(self) -> ParamCount:
+        """The count of the stages built so far (``0..phase``): what a stage phase's goal is on."""
+        counts = self.stage_counts()
+        parts = [c for s, c in counts.items() if s <= self.phase]
+        return ParamCount(nonzero=sum(c.nonzero for c in parts), total=sum(c.total for c in parts))
+
+    def init_thresholds(self, scopes=None) -> None:
+        """Set the thresholds of the stages built so far that have none yet; earlier stages
+        keep theirs (and λ its value) when a phase starts."""
+        done = set(self.state["stages_initialised"])
+        new = {st for st in range(min(self.phase, self.n_stages - 1) + 1)} - done
+        if scopes is None:
+            scopes = {sid for sid, st in self.scope_stage.items() if st in new}
+        super().init_thresholds(scopes)
+        self.state["stages_initialised"] = sorted(done | new)
+
+    def budget_end(self) -> int:
+        if self.final:
+            return self.cfg.epochs
+        return min(self.state["phase_first_epoch"] + self.state["phase_allot"], self.cfg.epochs)
     def _train_module(self) -> fx.GraphModule:
         """What the optimisers hold in this phase: the stages built so far (every op, pruned
         or not, so regrowth needs no new parameters), and the phase's head."""
@@ -167,14 +195,15 @@ class MultiStageSearcher(Searcher):
         cfg = self.cfg
         counts = self.stage_counts()
         start = counts[phase].nonzero if not self.final else sum(c.nonzero for c in counts.values())
+        earlier = sum(c.nonzero for s, c in counts.items() if s < phase)
         remaining = cfg.epochs - self.state["epoch"]
         phases_left = self.n_stages + 1 - phase
         warm = 0 if self.final else cfg.warmup_epochs
         allot = remaining if self.final else max(remaining // phases_left, warm + cfg.prune_every)
+        goal = cfg.target_params if self.final else earlier + math.floor(cfg.stage_keep * start)
         self.state.update({"phase_epoch": 0, "phase_first_epoch": self.state["epoch"], "phase_start": start,
-                           "phase_goal": cfg.target_params if self.final else math.floor(cfg.stage_keep * start),
-                           "phase_pruned_ops": [], "phase_allot": allot, "lambda": 0.0,
-                           "delta": cfg.lambda_step, "thresholds_initialised": False})
+                           "phase_goal": goal, "phase_pruned_ops": [], "phase_allot": allot,
+                           "thresholds_initialised": False})
         head = sum(p.numel() for p in self.head.parameters()) if self.head is not None else 0
         log.info("phase %s: %d params at start, goal %d, head %d params, %d epochs at most",
                  self.phase_name(False), start, self.state["phase_goal"], head, allot)
@@ -189,9 +218,12 @@ class MultiStageSearcher(Searcher):
     def _allowed(self, stages: set[int]):
         return lambda kind, key: self.unit_stage.get((kind, key), 0) in stages
 
-    def round_due(self) -> Optional[dict[str, Any]]:
+    def round_due(self, epoch: Optional[int] = None) -> Optional[dict[str, Any]]:
         cfg = self.cfg
-        k = self.state["phase_epoch"] + 1 - (0 if self.final else cfg.warmup_epochs)
+        e = self.state["epoch"] if epoch is None else epoch
+        k = e - self.state["phase_first_epoch"] + 1 - (0 if self.final else cfg.warmup_epochs)
+        if k <= 0:
+            return None
         if self.final:
             stages = set(range(self.n_stages)) if k % cfg.prune_every == 0 else set()
         else:
@@ -202,9 +234,7 @@ class MultiStageSearcher(Searcher):
             return None
         if self.final:
             return {"allowed": self._allowed(stages)}
-        p = self.phase
-        return {"goal": self.state["phase_goal"], "count": lambda: self.stage_counts()[p],
-                "allowed": self._allowed(stages)}
+        return {"goal": self.state["phase_goal"], "count": self.built_count, "allowed": self._allowed(stages)}
 
     # ----------------------------------------------------------------- rounds and regrowth
     def units_by_stage(self) -> dict[int, dict[str, int]]:
@@ -258,7 +288,7 @@ class MultiStageSearcher(Searcher):
                                 for s in after if any(units_before[s][g] != after[s][g] for g in after[s])}
         info["stages_pruned"] = sorted({self.unit_stage[("op", k)] + 1 for k in newly})
         if not self.final:
-            info["stage_params"] = self.stage_counts()[self.phase].nonzero
+            info["stage_params"] = self.built_count().nonzero
         return info
 
     def potentials(self) -> dict[tuple[str, str], float]:
@@ -336,7 +366,7 @@ class MultiStageSearcher(Searcher):
         ended = (not self.final and (round_info.get("goal_met") or used >= self.state["phase_allot"]))
         if ended:
             extra["stage_end"] = {"stage": self.phase + 1, "epochs": used,
-                                  "params": self.stage_counts()[self.phase].nonzero,
+                                  "params": self.built_count().nonzero,
                                   "goal": self.state["phase_goal"], "goal_met": bool(round_info.get("goal_met"))}
             if self.phase >= 1:
                 extra["regrowth"] = self.regrow()

@@ -92,7 +92,7 @@ class OptimMixin:
                     if id(p) in old:
                         opt.state[p] = old[id(p)]
         self.weights = groups["weights"]
-        self._thresholds = groups["thresholds"] + groups["t_omega"]
+        self._gate_thresholds, self._weight_thresholds = groups["thresholds"], groups["t_omega"]
         self._trained = groups["weights"] + groups["gates"] + groups["thresholds"] + groups["t_omega"]
 
     def _active(self):
@@ -114,7 +114,7 @@ class OptimMixin:
             s = torch.sigmoid(torch.stack([self.bank.op[k].alpha for k in active]))
             term = torch.log1p(len(active) * s / s.sum())
             if mu:
-                cost = torch.tensor([self._op_cost.get(k, 0.0) for k in active], device=s.device)
+                cost = torch.tensor([self.state["op_cost"].get(k, 0.0) for k in active], device=s.device)
                 term = term * (1 + mu * cost)
             terms.append(term.sum())
         return torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
@@ -125,17 +125,22 @@ class OptimMixin:
 
     @torch.no_grad()
     def _clamp_thresholds(self) -> None:
-        """Keep thresholds at or above 0. Magnitudes are never negative, so a negative
-        threshold masks nothing more than 0 does, but it makes ``exp(-t)`` in L_thr explode
-        (we saw L jump to ~1e3 and the next step throw every threshold far past its gates)."""
-        for p in self._thresholds:
-            p.clamp_(min=0.0)
+        """Keep thresholds at or above 0, and t_α, t_β at or below 1 (σ never reaches it).
+        Magnitudes are never negative, so a negative threshold masks nothing more than 0
+        does, but it makes ``exp(-t)`` in L_thr explode (we saw L jump to ~1e3 and the next
+        step throw every threshold far past its gates)."""
+        if self._gate_thresholds:
+            torch._foreach_clamp_min_(self._gate_thresholds, 0.0)
+            torch._foreach_clamp_max_(self._gate_thresholds, 1.0)
+        if self._weight_thresholds:
+            torch._foreach_clamp_min_(self._weight_thresholds, 0.0)
 
     def _update_op_cost(self) -> None:
-        """cost(op) for the μ term: the op's live weights, normalised by the largest op's."""
+        """cost(op) for the μ term: the op's live weights, normalised by the largest op's. Set
+        when the search starts and after every round, and kept in ``state`` (checkpointed)."""
         costs = {key: 0.0 for key in self.struct.op_paths}
         for k, scope in self.struct.layer_scope.items():
             if scope in costs:
                 costs[scope] += float(self.bank.weight[k].mask.sum())
         top = max(costs.values(), default=0.0) or 1.0
-        self._op_cost = {k: v / top for k, v in costs.items()}
+        self.state["op_cost"] = {k: v / top for k, v in costs.items()}

@@ -1,15 +1,23 @@
-"""The pruning round (``docs/method.md``, "Pruning rounds"), in two steps.
+"""The pruning round (``docs/method.md``, "Pruning rounds"), planned by the budget controller.
 
-1. **Decide** (:meth:`RoundMixin.decide_round`): which units to commit this round. The
-   candidates are the units whose live mask is 0 but stored mask 1; when committing all of
-   them would overshoot the round's goal, only those furthest below their thresholds are
-   taken, just enough to meet it ("landing"). Deciding leaves the stored masks as it found
-   them.
-2. **Apply** (:meth:`RoundMixin.apply_round`): commit the chosen units, protect the last op
-   of every sum and the last filter of every layer, adapt λ, and update the search state.
+1. **Plan** (:class:`~granular.driver.controller.BudgetController`): the round's goal from the
+   remaining excess and the rounds left in the epoch budget (its quota), and whether it is
+   the last round (the deadline).
+2. **Decide** (:meth:`RoundMixin.decide_round`): the candidates are the units below their
+   thresholds, furthest below first (their *supply* is what committing all of them would
+   remove). A round commits the longest prefix that stays within its quota. At the deadline it
+   lands on the goal instead: the shortest prefix that meets it, and when the units below
+   threshold do not get there, the units closest to their thresholds follow in that order.
+   Deciding leaves the stored masks as it found them.
+3. **Apply** (:meth:`RoundMixin.apply_round`): commit the chosen units, protect the last op
+   of every sum and the last filter of every layer, let the controller move λ from the
+   supply, re-anchor the thresholds of the units left below them (so the live training graph
+   masks nothing the round did not commit), and rebuild the training graph when the set of
+   alive ops changed.
 
-The round's goal comes from :meth:`RoundMixin.round_goal`, the one place that says how far a
-round may go: a budget controller that sets each round's quota replaces that method.
+Margins are on the gates' own scales: ``σ - t`` for α and β, ``|w| / scale - t_ω`` for
+weights (``scale`` is the layer's mean kept magnitude, :class:`~granular.gates.WeightMask`),
+so the three granularities are ranked on one axis.
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ from typing import Any, Callable, Optional
 import torch
 
 from granular.accounting import ParamCount, count_params
+from granular.driver.controller import BudgetController, RoundPlan
 from granular.masks import mask_buffers, protect_last_ops_, unit_counts
 
 __all__ = ["RoundDecision", "RoundMixin"]
 
-Unit = tuple  # (normalised margin, kind, key, index or None)
+Unit = tuple  # (margin, kind, key, index or None)
 
 
 @dataclass
@@ -32,22 +41,31 @@ class RoundDecision:
     """What :meth:`RoundMixin.decide_round` chose.
 
     Attributes:
-        units: the units to commit: (normalised margin, kind, key, index or None).
+        units: the units to commit: (margin, kind, key, index or None).
         below: how many units were below their thresholds (the candidates).
-        goal: the count the round works towards.
+        supply: what committing every candidate would have removed (parameters).
+        plan: the controller's plan for the round.
+        target: the count the budget works towards (the search's target, or a stage's goal).
         before: the measured count before the round.
         after: the measured count once ``units`` are committed and protected.
-        landed: whether only part of the candidates was taken to land on ``goal``.
+        how: ``"none"`` (no quota), ``"all"`` (every candidate fits the quota), ``"capped"``
+            (the quota took a prefix) or ``"deadline"`` (units above threshold were added).
         saved: the stored masks before the round (by gate-bank state key).
     """
 
     units: list[Unit]
     below: int
-    goal: int
+    supply: int
+    plan: RoundPlan
+    target: int
     before: int
     after: ParamCount
-    landed: bool
+    how: str
     saved: dict[str, torch.Tensor]
+
+    @property
+    def goal(self) -> int:
+        return self.plan.goal
 
 
 class RoundMixin:
@@ -67,41 +85,44 @@ class RoundMixin:
         """Units kept (stored mask 1) per granularity."""
         return unit_counts(self.bank)
 
+    def alive_ops(self) -> frozenset[str]:
+        return frozenset(k for k, m in self.bank.op.items() if float(m.mask) > 0)
+
+    def controller(self) -> BudgetController:
+        """The budget controller, on this search's ``state`` (its λ is ``state["lambda"]``)."""
+        c = self.cfg
+        return BudgetController(c.schedule, self.state["lambda"], lambda_grow_max=c.lambda_grow_max, state=self.state)
+
     # ----------------------------------------------------------------- units
     @torch.no_grad()
-    def _candidates(self, allowed=None) -> list[Unit]:
-        """Units whose live mask is 0 but stored mask 1: (normalised margin, kind, key, index).
-
-        ``allowed(kind, key)`` restricts the round to some units (a multi-stage search prunes
-        only the stages it trains)."""
+    def _candidates(self, allowed=None, every: bool = False) -> list[Unit]:
+        """Kept units below their thresholds (all kept units if ``every``), sorted by margin
+        (furthest below first). ``allowed(kind, key)`` restricts the round to some units (a
+        multi-stage search prunes only the stages it trains)."""
         out = []
         b = self.bank
         ok = allowed or (lambda kind, key: True)
         for k, m in b.op.items():
-            if not ok("op", k):
-                continue
-            t = b.scopes[k].t_alpha
-            g = torch.sigmoid(m.alpha)
-            if float(m.mask) > 0 and float(g) < float(t):
-                out.append((float((g - t) / t.abs().clamp_min(1e-12)), "op", k, None))
+            if ok("op", k) and float(m.mask) > 0:
+                margin = float(torch.sigmoid(m.alpha) - b.scopes[k].t_alpha)
+                if every or margin < 0:
+                    out.append((margin, "op", k, None))
         for k, m in b.filter.items():
             if not ok("filter", k):
                 continue
-            t = b.scopes[self.struct.filter_scope[k]].t_beta
-            g = torch.sigmoid(m.beta)
-            idx = torch.nonzero((m.mask > 0) & (g < t)).flatten()
-            for i in idx.tolist():
-                out.append((float((g[i] - t) / t.abs().clamp_min(1e-12)), "filter", k, i))
+            margin = torch.sigmoid(m.beta) - b.scopes[self.struct.filter_scope[k]].t_beta
+            sel = (m.mask > 0) & ((margin < 0) | every)
+            idx = torch.nonzero(sel).flatten()
+            out.extend((mg, "filter", k, i) for mg, i in zip(margin[idx].tolist(), idx.tolist()))
         for k, m in b.weight.items():
             if not ok("weight", k):
                 continue
             t = b.scopes[self.struct.layer_scope[k]].t_omega
-            w = self.struct.weight_of[k].abs()
-            sel = (m.mask > 0) & (w < t)
-            if sel.any():
-                idx = torch.nonzero(sel.flatten()).flatten()
-                margins = ((w.flatten()[idx] - t) / t.abs().clamp_min(1e-12)).tolist()
-                out.extend((mg, "weight", k, i) for mg, i in zip(margins, idx.tolist()))
+            margin = (self.struct.weight_of[k].abs() / m.scale - t).flatten()
+            sel = (m.mask.flatten() > 0) & ((margin < 0) | every)
+            idx = torch.nonzero(sel).flatten()
+            out.extend((mg, "weight", k, i) for mg, i in zip(margin[idx].tolist(), idx.tolist()))
+        out.sort(key=lambda u: u[0])
         return out
 
     @torch.no_grad()
@@ -128,16 +149,10 @@ class RoundMixin:
         """
         b = self.bank
         prefer = {k: float(torch.sigmoid(m.alpha) - b.scopes[k].t_alpha) for k, m in b.op.items()}
-        for k in protect_last_ops_(self.gm, prefer):
-            t = b.scopes[k].t_alpha
-            t.fill_(min(float(t), float(torch.sigmoid(b.op[k].alpha))))
+        protect_last_ops_(self.gm, prefer)
         for k, m in b.filter.items():
             if float(m.mask.sum()) == 0:
-                g = torch.sigmoid(m.beta)
-                best = int(torch.argmax(g))
-                m.mask[best] = 1.0
-                t = b.scopes[self.struct.filter_scope[k]].t_beta
-                t.fill_(min(float(t), float(g[best])))
+                m.mask[int(torch.argmax(torch.sigmoid(m.beta)))] = 1.0
 
     @torch.no_grad()
     def _try(self, saved, units, count) -> ParamCount:
@@ -148,114 +163,123 @@ class RoundMixin:
         return count()
 
     @torch.no_grad()
-    def _land(self, saved, cands, goal, count) -> tuple[list[Unit], ParamCount]:
-        """Just enough of this round's units to meet ``goal``, and the count they give.
-
-        Units are taken furthest-below-threshold first; a bisection finds the shortest such
-        prefix that meets the goal. When its last unit overshoots by more than
-        ``land_within`` of the goal (an op of thousands of parameters, say), that unit is
-        set aside and the bisection repeats over the others, a few times at most, keeping
-        the closest landing found.
-        """
-        cfg, target = self.cfg, goal
-        order = sorted(cands, key=lambda c: c[0])
+    def _prefix(self, saved, order, goal, count, *, within: bool) -> tuple[list[Unit], ParamCount]:
+        """A prefix of ``order`` by bisection: the longest whose count stays at or above
+        ``goal`` (``within``: a round's quota is a ceiling), or the shortest that meets it (a
+        deadline). When that shortest prefix's last unit overshoots by more than
+        ``land_within`` of the goal (an op of thousands of parameters, say), the unit is set
+        aside and the bisection repeats over the others, a few times at most."""
+        cfg = self.cfg
+        if within:
+            lo, hi = 0, len(order)  # the answer k is in [lo, hi]
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._try(saved, order[:mid], count).nonzero >= goal:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return order[:lo], self._try(saved, order[:lo], count)
         best_units, best = None, None
         for _ in range(cfg.land_attempts):
-            if not order or self._try(saved, order, count).nonzero > target:
+            if not order or self._try(saved, order, count).nonzero > goal:
                 break  # without the units set aside the goal is out of reach
             lo, hi = 1, len(order)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if self._try(saved, order[:mid], count).nonzero <= target:
+                if self._try(saved, order[:mid], count).nonzero <= goal:
                     hi = mid
                 else:
                     lo = mid + 1
             now = self._try(saved, order[:hi], count)
             if best is None or now.nonzero > best.nonzero:
                 best_units, best = order[:hi], now
-            if now.nonzero >= (1 - cfg.land_within) * target:
+            if now.nonzero >= (1 - cfg.land_within) * goal:
                 break
             order = order[:hi - 1] + order[hi:]  # set the overshooting unit aside
-        units = best_units if best_units is not None else order
-        return units, self._try(saved, units, count)
+        if best_units is None:
+            return order, self._try(saved, order, count)
+        return best_units, self._try(saved, best_units, count)
 
     # ----------------------------------------------------------------- the round
     def round_goal(self, goal: Optional[int]) -> int:
-        """The count this round works towards: ``goal`` if the caller set one (a stage's goal),
-        else the search's target."""
+        """The count the budget works towards: ``goal`` if the caller set one (a stage's
+        goal), else the search's target."""
         return self.cfg.target_params if goal is None else goal
 
     @torch.no_grad()
-    def decide_round(self, goal: int, count: Callable[[], ParamCount], allowed=None) -> RoundDecision:
-        """Choose this round's units (module docstring); the stored masks are left unchanged.
-
-        Trial commits may lower the thresholds of units that protection re-opens, as the
-        committed round would."""
+    def decide_round(self, goal: int, count: Callable[[], ParamCount], allowed=None,
+                     rounds_left: Optional[int] = None) -> RoundDecision:
+        """Choose this round's units (module docstring); the stored masks are left unchanged."""
         before = count().nonzero
+        left = self.rounds_left() if rounds_left is None else rounds_left
+        plan = self.controller().plan(before, goal, left)
         saved = self._masks()
         cands = self._candidates(allowed)
-        now = self._try(saved, cands, count)
-        units, landed = cands, False
-        if now.nonzero <= goal and self.cfg.land and before > goal and cands:
-            units, now = self._land(saved, cands, goal, count)
-            landed = True
+        full = self._try(saved, cands, count)
+        supply = before - full.nonzero
+        units, after, how = cands, full, "all"
+        if plan.quota <= 0:
+            units, how = [], "none"
+            after = self._try(saved, [], count)
+        elif plan.deadline and full.nonzero > plan.goal and self.cfg.land:
+            every = self._candidates(allowed, every=True)
+            if self._try(saved, every, count).nonzero <= plan.goal:
+                units, after = self._prefix(saved, every, plan.goal, count, within=False)
+                how = "deadline"
+        elif plan.deadline and full.nonzero < plan.goal and self.cfg.land:
+            units, after = self._prefix(saved, cands, plan.goal, count, within=False)
+            how = "capped"
+        elif full.nonzero < plan.goal and self.cfg.land:
+            units, after = self._prefix(saved, cands, plan.goal, count, within=True)
+            how = "capped"
         self._restore(saved)
-        return RoundDecision(units=units, below=len(cands), goal=goal, before=before, after=now,
-                             landed=landed, saved=saved)
+        return RoundDecision(units=units, below=len(cands), supply=supply, plan=plan, target=goal, before=before,
+                             after=after, how=how, saved=saved)
 
     @torch.no_grad()
     def apply_round(self, d: RoundDecision, count_whole: Optional[Callable[[], ParamCount]] = None) -> dict[str, Any]:
-        """Commit ``d``'s units, adapt λ and update the state. ``count_whole`` counts the whole
-        model when the round measured something else (a stage). Returns the round's metrics row."""
+        """Commit ``d``'s units, move λ, anchor the thresholds and update the state.
+        ``count_whole`` counts the whole model when the round measured something else (a
+        stage). Returns the round's metrics row."""
         cfg = self.cfg
-        before_units = self.unit_counts()
+        before_units, alive = self.unit_counts(), self.alive_ops()
         self._restore(d.saved)
         self._commit(d.units)
         self._protect()
+        adapt = self.controller().update(d.plan, d.supply)
+        self.anchor_thresholds()
         now = d.after
-        pruned = d.before - now.nonzero
-        scale = max(d.before - d.goal, cfg.excess_floor * d.goal, 1)
-        frac = pruned / scale
-        if frac > cfg.prune_high:
-            self.state["lambda"] /= 2
-            self.state["delta"] = cfg.lambda_step
-            adapt = "halve"
-        elif frac < cfg.prune_low:
-            self.state["delta"] *= 4
-            self.state["lambda"] += self.state["delta"]
-            adapt = "raise"
-        else:
-            adapt = "keep"
         whole = now if count_whole is None else count_whole()
         self.state["params"] = whole.nonzero
         self.state["params_total"] = whole.total
-        self.state["rounds"] += 1
         self._active_cache = None
-        if cfg.mu:
-            self._update_op_cost()
+        self._update_op_cost()
         if whole.nonzero <= cfg.target_params:
             self.state["done"] = self.state["reached"] = True
         after_units = self.unit_counts()
-        removed = {k: before_units[k] - after_units[k] for k in before_units}
-        if removed["op"]:
+        if self.alive_ops() != alive:  # a set, not a count: protection can re-open one op as another goes
             self.net = self.build_net()
-        return {"round": self.state["rounds"], "pruned_params": pruned, "units_below": d.below,
-                "landed": d.landed, "lambda_update": adapt, "goal_met": now.nonzero <= d.goal,
-                "pruned_units": removed}
+        return {"round": self.state["rounds"], "pruned_params": d.before - now.nonzero, "units_below": d.below,
+                "supply": d.supply, "quota": d.plan.quota, "round_goal": d.plan.goal, "deadline": d.plan.deadline,
+                "landed": d.how in ("capped", "deadline"), "commit": d.how, "lambda_update": adapt,
+                "goal_met": now.nonzero <= d.target,
+                "pruned_units": {k: before_units[k] - after_units[k] for k in before_units}}
 
     @torch.no_grad()
-    def pruning_round(self, *, goal: Optional[int] = None, count=None, allowed=None) -> dict[str, Any]:
-        """One round: decide the units to commit, then apply them.
+    def pruning_round(self, *, goal: Optional[int] = None, count=None, allowed=None,
+                      rounds_left: Optional[int] = None) -> dict[str, Any]:
+        """One round: plan, decide the units to commit, then apply them.
 
         Args:
-            goal: the nonzero count this round works towards (default: :meth:`round_goal`).
+            goal: the nonzero count the budget works towards (default: the target).
             count: what is measured against ``goal`` (default: :func:`count_params` of the model).
             allowed: restricts the candidates (see :meth:`_candidates`).
+            rounds_left: the rounds the controller plans with (default: :meth:`rounds_left`).
 
         Returns:
             The round's row for the metrics (``goal_met`` says whether ``count <= goal``).
         """
         measured_whole = count is None
         count = count or (lambda: count_params(self.gm))
-        decision = self.decide_round(self.round_goal(goal), count, allowed)
+        decision = self.decide_round(self.round_goal(goal), count, allowed, rounds_left)
         return self.apply_round(decision, None if measured_whole else (lambda: count_params(self.gm)))

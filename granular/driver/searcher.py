@@ -2,16 +2,18 @@
 
 One-level SGD trains the weights, the gates (α, β) and the thresholds (t_α, t_β, t_ω) on
 the training batch with ``L = CE + λ (L_res + L_thr)`` (:mod:`~granular.driver.optim`). After
-``warmup_epochs`` of weights-only training the thresholds are initialised (``min`` or ``zero``
-rule) and every ``prune_every`` epochs a pruning round (:mod:`~granular.driver.rounds`):
+``warmup_epochs`` of weights-only training the thresholds are initialised a margin below the
+gates (``min`` rule) and λ is set; then every ``prune_every`` epochs a pruning round
+(:mod:`~granular.driver.rounds`), planned by the budget controller
+(:mod:`~granular.driver.controller`) against the rounds left in the epoch budget:
 
-1. stores the live masks (units whose masked value is zero are removed);
-2. re-opens the best op of any sum that lost all of them (last-op protection);
-3. counts the exported model exactly (:func:`granular.count_params`) and stops at the target;
-   if the round overshoots, only the units furthest below their thresholds are committed,
-   just enough to meet the target ("landing");
-4. adapts λ: halve it (and reset Δ) when the round pruned too much, add ``Δ *= 4`` when too
-   little, both measured against the remaining excess over the target.
+1. the round's quota comes from the remaining excess over the target and the rounds left;
+2. the units below their thresholds are committed furthest below first, at most the quota;
+   the last round lands on the target, past the thresholds if it must;
+3. the last op of every sum and filter of every layer are protected; the exported model is
+   counted exactly (:func:`granular.count_params`) and the search stops at the target;
+4. λ rises when the thresholds supplied less than the quota, and the thresholds of units the
+   quota left below them are re-anchored under them.
 
 The driver never edits the graph: pruning only changes stored masks (buffers).
 
@@ -38,6 +40,7 @@ from granular.accounting import ParamCount, count_params
 from granular.api import export
 from granular.config import SearchConfig
 from granular.driver.checkpoint import CheckpointMixin
+from granular.driver.controller import rounds_left
 from granular.driver.optim import OptimMixin, structure
 from granular.driver.rounds import RoundMixin
 from granular.driver.training import TrainingMixin
@@ -103,12 +106,12 @@ class Searcher(OptimMixin, TrainingMixin, RoundMixin, CheckpointMixin):
         self.struct = structure(gm)
         c = config
         self.opt_w = self.opt_a = None
-        self.state: dict[str, Any] = {"epoch": 0, "lambda": 0.0, "delta": c.lambda_step, "rounds": 0,
+        self.state: dict[str, Any] = {"epoch": 0, "lambda": 0.0, "lambda_started": False, "rounds": 0,
                                       "params": None, "done": False, "reached": False,
-                                      "thresholds_initialised": False}
+                                      "thresholds_initialised": False, "op_cost": {}}
         self.history: list[dict] = []
-        self._op_cost: dict[str, float] = {}
         self._active_cache = None
+        self._update_op_cost()  # μ acts from the first step, not only after round 1
         if distributed.is_distributed():  # batch_size is the global batch: stop now if it cannot be split
             distributed.per_rank_batch(getattr(data, "batch_size", c.batch_size))
         self.setup()
@@ -135,10 +138,21 @@ class Searcher(OptimMixin, TrainingMixin, RoundMixin, CheckpointMixin):
         """Whether this epoch trains the weights only."""
         return self.state["epoch"] < self.cfg.warmup_epochs
 
-    def round_due(self) -> Optional[dict[str, Any]]:
-        """Keyword arguments of :meth:`pruning_round` if this epoch ends with one, else None."""
+    def round_due(self, epoch: Optional[int] = None) -> Optional[dict[str, Any]]:
+        """Keyword arguments of :meth:`pruning_round` if ``epoch`` (default: this one) ends
+        with one, else None."""
         cfg = self.cfg
-        return {} if (self.state["epoch"] + 1 - cfg.warmup_epochs) % cfg.prune_every == 0 else None
+        e = self.state["epoch"] if epoch is None else epoch
+        k = e + 1 - cfg.warmup_epochs
+        return {} if k > 0 and k % cfg.prune_every == 0 else None
+
+    def budget_end(self) -> int:
+        """The epoch the current budget ends at (a multi-stage phase ends before the search)."""
+        return self.cfg.epochs
+
+    def rounds_left(self) -> int:
+        """Rounds left in the budget, this epoch's included: the controller plans with it."""
+        return rounds_left(self.state["epoch"], self.budget_end(), lambda e: self.round_due(e) is not None)
 
     def phase_name(self, warmup: bool) -> str:
         return "warmup" if warmup else "search"

@@ -22,23 +22,76 @@ class TrainingMixin:
     """Training, recalibration and evaluation of :class:`~granular.driver.searcher.Searcher`."""
 
     @torch.no_grad()
-    def init_thresholds(self) -> None:
-        """Set every threshold by the configured rule (``docs/method.md``, "Threshold initialisation")."""
-        zero = self.cfg.threshold_init == "zero"
-        for sid, scope in self.bank.scopes.items():
-            if hasattr(scope, "t_alpha"):
-                scope.t_alpha.fill_(0.0 if zero else float(torch.sigmoid(self.bank.op[sid].alpha)))
-            if hasattr(scope, "t_beta"):
-                vals = [torch.sigmoid(self.bank.filter[k].beta)[self.bank.filter[k].mask > 0]
-                        for k, s in self.struct.filter_scope.items() if s == sid]
-                vals = torch.cat(vals) if vals else torch.zeros(0)
-                scope.t_beta.fill_(0.0 if zero or not vals.numel() else float(vals.min()))
-            if hasattr(scope, "t_omega"):
-                vals = [self.struct.weight_of[k].abs()[self.bank.weight[k].mask > 0]
-                        for k, s in self.struct.layer_scope.items() if s == sid]
-                vals = torch.cat(vals) if vals else torch.zeros(0)
-                scope.t_omega.fill_(0.0 if zero or not vals.numel() else float(vals.min()))
+    def _scope_minima(self, scopes=None) -> dict[str, dict[str, float]]:
+        """The smallest kept value each threshold compares, per scope: σ(α) of an alive op,
+        σ(β) of its kept filters, ``|w| / scale`` of its kept weights."""
+        b, out = self.bank, {}
+
+        def put(sid, name, v):
+            if scopes is None or sid in scopes:
+                d = out.setdefault(sid, {})
+                d[name] = min(d.get(name, float("inf")), v)
+        for k, m in b.op.items():
+            if float(m.mask) > 0:
+                put(k, "t_alpha", float(torch.sigmoid(m.alpha)))
+        for k, m in b.filter.items():
+            if float(m.mask.sum()) > 0:
+                put(self.struct.filter_scope[k], "t_beta", float(torch.sigmoid(m.beta)[m.mask > 0].min()))
+        for k, m in b.weight.items():
+            kept = m.mask > 0
+            if bool(kept.any()):
+                put(self.struct.layer_scope[k], "t_omega", float((self.struct.weight_of[k].abs()[kept] / m.scale).min()))
+        return out
+
+    @torch.no_grad()
+    def init_thresholds(self, scopes=None) -> None:
+        """Set the thresholds of ``scopes`` (all by default) by the configured rule
+        (``docs/method.md``, "Threshold initialisation"), ``threshold_margin`` below the
+        smallest kept value of each scope, so that no unit starts on its threshold (where the
+        step's gradient peaks and noise alone would decide). Each weight mask's ``scale``
+        becomes its layer's mean kept magnitude. The first call also sets λ."""
+        cfg, b = self.cfg, self.bank
+        for k, m in b.weight.items():
+            if scopes is None or self.struct.layer_scope[k] in scopes:
+                kept = self.struct.weight_of[k].abs()[m.mask > 0]
+                m.scale.fill_(float(kept.mean()) if kept.numel() and float(kept.mean()) > 0 else 1.0)
+        keep = 1.0 - cfg.threshold_margin
+        minima = self._scope_minima(scopes)
+        for sid, scope in b.scopes.items():
+            if scopes is not None and sid not in scopes:
+                continue
+            for name in ("t_alpha", "t_beta", "t_omega"):
+                if hasattr(scope, name):
+                    v = minima.get(sid, {}).get(name, 0.0)
+                    getattr(scope, name).fill_(0.0 if cfg.threshold_init == "zero" else keep * v)
+        if not self.state.get("lambda_started"):
+            self.state["lambda"] = self.initial_lambda()
+            self.state["lambda_started"] = True
         self.state["thresholds_initialised"] = True
+
+    def initial_lambda(self) -> float:
+        """``lambda_init``, or the λ whose push ``λ e^(-t)`` on a threshold raises it by about
+        ``lambda_rise`` over one round of SGD steps (momentum multiplies a steady push by
+        ``1 / (1 - momentum)``)."""
+        cfg = self.cfg
+        if cfg.lambda_init is not None:
+            return float(cfg.lambda_init)
+        steps = cfg.prune_every * max(len(self.data.train_loader(self.state["epoch"])), 1)
+        lr = max(cfg.lr_thresholds, 1e-12)
+        return cfg.lambda_rise * (1.0 - cfg.momentum) / (lr * steps)
+
+    @torch.no_grad()
+    def anchor_thresholds(self) -> None:
+        """After a round: a scope whose kept units are below its threshold (the round's quota
+        left them) gets its threshold back ``threshold_margin`` below the smallest of them,
+        so the live training graph masks nothing the round did not commit."""
+        keep = 1.0 - self.cfg.threshold_margin
+        for sid, mins in self._scope_minima().items():
+            scope = self.bank.scopes[sid]
+            for name, v in mins.items():
+                t = getattr(scope, name, None)
+                if t is not None and v < float(t):
+                    t.fill_(keep * v)
 
     def train_epoch(self, epoch: int, warmup: bool, bar=None) -> dict[str, float]:
         cfg = self.cfg
