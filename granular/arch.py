@@ -1,8 +1,9 @@
 """``arch.json``: the discovered architecture, read off the gated graph and its export plan.
 
 For every operation unit: whether it is kept and, per layer, the width kept and the weight
-sparsity. For DARTS spaces the ops are also grouped per cell (``cells``), with the edge and
-op type of each kept op.
+sparsity (within the kept filters). ``retention`` gives each granularity's kept fraction
+within the surviving units of the coarser ones (:func:`granular.masks.retention`). For DARTS
+spaces the ops are also grouped per cell (``cells``), with the edge and op type of each kept op.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from granular.accounting import count_params
-from granular.masks import gate_bank
+from granular.masks import gate_bank, retention
 from granular.meta import LAYER, OP_UNIT
 from granular.passes.export import plan_export
 from granular.search_spaces import describe_op
@@ -51,14 +52,20 @@ def architecture(gm: fx.GraphModule) -> dict[str, Any]:
         row = {"unit": unit.id, "path": unit.path, "kept": kept, "layers": op_layers,
                "width": widths[-1] if widths else None}
         if kept and op_layers:
-            w_tot = sum(gm.get_submodule(p).weight.numel() for p in op_layers)
-            nz = sum(int(torch.count_nonzero(plan.modules[p].weight)) for p, e in op_layers.items() if e["kept"])
+            # within the kept filters: the sliced weights of the exported layers, so filter
+            # pruning shows as filter retention, not as weight sparsity
+            alive = [p for p, e in op_layers.items() if e["kept"]]
+            w_tot = sum(plan.modules[p].weight.numel() for p in alive)
+            nz = sum(int(torch.count_nonzero(plan.modules[p].weight)) for p in alive)
             row["weight_sparsity"] = round(1.0 - nz / max(w_tot, 1), 4)
+            out_ch = sum(e["out_channels"] for e in op_layers.values())
+            row["filter_retention"] = round(sum(e.get("width", 0) for e in op_layers.values()) / max(out_ch, 1), 4)
         desc = describe_op(unit.path)
         if desc:
             row.update(desc)
         ops.append(row)
-    out: dict[str, Any] = {"params": count_params(gm)._asdict(), "ops": ops, "layers": layers}
+    out: dict[str, Any] = {"params": count_params(gm)._asdict(), "retention": retention(gm), "ops": ops,
+                           "layers": layers}
     cells: dict[int, list] = {}
     for row in ops:
         if "cell" in row and row["kept"]:

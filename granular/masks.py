@@ -70,8 +70,11 @@ def protect_last_ops_(gm: fx.GraphModule, prefer: dict[str, float] | None = None
 
 @torch.no_grad()
 def reachable_floor(gm: fx.GraphModule):
-    """The smallest count pruning can reach: every prunable unit removed, one op kept per
-    sum, one channel kept per tensor. Returns a :class:`~granular.accounting.ParamCount`."""
+    """A lower bound on the count pruning can reach: every weight and filter mask 0 and every
+    op pruned, except one op per sum (a sum needs an input). Layers whose channels are fixed
+    (stem, head, ungated layers) keep them. The search itself keeps one filter in every
+    gated layer, so it stops a little above this floor. Returns a
+    :class:`~granular.accounting.ParamCount`."""
     from granular.accounting import count_params
 
     bank = gate_bank(gm)
@@ -92,11 +95,49 @@ def _fraction(masks) -> float:
 
 
 def retention(gm: fx.GraphModule) -> dict[str, float]:
-    """Fraction of units kept (stored mask 1) per granularity."""
+    """Fraction of units kept (stored mask 1) per granularity, each within the surviving units
+    of the coarser ones: ops of all ops; filters of the layers in alive ops; weights of the
+    layers in alive ops, in the rows of their kept filters (a pruned op's or filter's masks
+    are not counted as kept: they are gone from the exported model)."""
     bank = gate_bank(gm)
-    return {"op": _fraction(m.mask for m in bank.op.values()),
-            "filter": _fraction(m.mask for m in bank.filter.values()),
-            "weight": _fraction(m.mask for m in bank.weight.values())}
+    dead_ops = {k for k, m in bank.op.items() if float(m.mask) == 0}
+    scope_of: dict[str, str] = {}
+    filter_of: dict[str, str] = {}  # weight key -> the filter gate of the same layer's output
+    for n in gm.graph.nodes:
+        g = n.meta.get(GATE)
+        if g is not None and g.kind in ("filter", "weight"):
+            scope_of[f"{g.kind}:{g.key}"] = g.scope
+    for n in gm.graph.nodes:
+        g = n.meta.get(GATE)
+        if g is not None and g.kind == "weight":
+            f = _filter_after(n)
+            if f is not None and f in bank.filter and bank.filter[f].mask.numel() == bank.weight[g.key].mask.shape[0]:
+                filter_of[g.key] = f
+    filters = [m.mask for k, m in bank.filter.items() if scope_of.get(f"filter:{k}") not in dead_ops]
+    weights = []
+    for k, m in bank.weight.items():
+        if scope_of.get(f"weight:{k}") in dead_ops:
+            continue
+        f = filter_of.get(k)
+        rows = bank.filter[f].mask > 0 if f is not None else None
+        weights.append(m.mask[rows] if rows is not None and m.mask.dim() >= 1 else m.mask)
+    return {"op": _fraction(m.mask for m in bank.op.values()), "filter": _fraction(filters),
+            "weight": _fraction(weights)}
+
+
+def _filter_after(weight_node: fx.Node) -> str | None:
+    """The filter gate that gates the output channels of the layer reading ``weight_node``
+    (conv/linear, then an optional norm), if any."""
+    seen, frontier = 0, list(weight_node.users)
+    while frontier and seen < 6:
+        n = frontier.pop(0)
+        seen += 1
+        g = n.meta.get(GATE)
+        if g is not None and g.kind == "filter":
+            return g.key
+        if len(n.users) == 1:
+            frontier.extend(n.users)
+    return None
 
 
 def unit_counts(gm_or_bank) -> dict[str, int]:
