@@ -1,7 +1,7 @@
 """Run directories: their file names, the resolved run config, and loading a searched run.
 
-A search run directory holds ``config.json`` (the resolved run: spec, data set and
-:class:`~granular.config.SearchConfig`), ``checkpoint.pt`` (atomic, each epoch),
+A search run directory holds ``config.json`` (the resolved run: spec, data set, training
+subset and :class:`~granular.config.SearchConfig`), ``checkpoint.pt`` (atomic, each epoch),
 ``metrics.jsonl`` (one row per epoch), ``arch.json`` and ``model/`` (the compact model:
 ``model.py`` + ``model.safetensors``, loadable without granular). ``retrain/`` and
 ``report/`` hold what ``granular retrain`` and ``granular report`` write.
@@ -52,7 +52,7 @@ def build_run(run: dict[str, Any]):
     from granular.spec import build_model, resolve_leaves
 
     data = load_data(run["dataset"], batch_size=run["search"]["batch_size"], seed=run["search"]["seed"],
-                     root=run.get("data_root"), augment=run.get("augment", False))
+                     root=run.get("data_root"), augment=run.get("augment", False), subset=run.get("train_subset"))
     torch.manual_seed(run["search"]["seed"])
     model = build_model(run["spec"], num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size)
@@ -74,6 +74,7 @@ def load_searched(run_dir: Path, *, batch_size: int | None = None, augment: bool
     searcher.resume(run_dir / CHECKPOINT)
     if batch_size is not None or augment is not None:
         data = load_data(run["dataset"], batch_size=batch_size or cfg.batch_size, seed=cfg.seed,
-                         root=run.get("data_root"), augment=run.get("augment", False) if augment is None else augment)
+                         root=run.get("data_root"), augment=run.get("augment", False) if augment is None else augment,
+                         subset=run.get("train_subset"))
     gm.cpu()
     return run, data, gm

@@ -74,7 +74,7 @@ def _run_search(args: argparse.Namespace, device: torch.device) -> int:
         target = parse_size(args.target_params)
         cfg = SearchConfig(target_params=target, **_overrides(args))
         run = {"spec": args.spec, "dataset": args.dataset, "data_root": args.data_root, "augment": args.augment,
-               "leaf": args.leaf or [], "auto_leaf": args.auto_leaf,
+               "train_subset": args.train_subset, "leaf": args.leaf or [], "auto_leaf": args.auto_leaf,
                "search": cfg.to_dict(), "granular_version": _version()}
     distributed.per_rank_batch(run["search"]["batch_size"])  # the global batch must split over the processes
     data, gm, cfg = build_run(run)
