@@ -16,6 +16,10 @@ Specs:
 * ``cifar10`` / ``cifar100``: torchvision's CIFAR readers over the python version of the data,
   never downloaded: it must already be under ``root`` (default: ``$GRANULAR_DATA``, else
   ``~/.cache/granular/data``).
+* ``fashion-mnist``: Fashion-MNIST's 60,000 training and 10,000 test images (the test set
+  validates), 28x28 grey, from the gzipped idx files of the Debian package
+  ``dataset-fashion-mnist`` or the same files under ``root`` / ``$GRANULAR_DATA``
+  (:mod:`granular.fashion_mnist`); never downloaded.
 * ``imagefolder:DIR``: a folder with one subfolder per class, or ``DIR/train`` and ``DIR/val``
   each laid out that way.
 * ``fake``: torchvision's deterministic ``FakeData`` noise images, for smoke tests.
@@ -33,14 +37,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from granular import distributed
-from granular.datasets import data_error, load_cifar, load_digits, load_fake, load_imagefolder, mix_seed
+from granular.datasets import (check_subset, data_error, load_cifar, load_digits, load_fake, load_imagefolder,
+                               mix_seed, train_subset)
 from granular.errors import GranularError
 
 __all__ = ["DataBundle", "load_data", "list_datasets", "DEFAULT_DATASET"]
 
 DEFAULT_DATASET = "digits"
 
-_DATASETS = ("digits", "cifar10", "cifar100", "imagefolder:DIR", "fake")
+_DATASETS = ("digits", "cifar10", "cifar100", "fashion-mnist", "imagefolder:DIR", "fake")
+_NATIVE_SIZE = {"digits": 8, "fashion-mnist": 28}  # the others: 32
 
 
 
@@ -205,20 +211,26 @@ def load_data(
     num_workers: int = 0,
     limit: int | None = None,
     image_size: int | None = None,
+    subset: int | None = None,
 ) -> DataBundle:
     """Load a data set from its spec.
 
     Args:
-        spec: ``digits``, ``cifar10``, ``cifar100``, ``imagefolder:DIR`` or ``fake``.
+        spec: ``digits``, ``cifar10``, ``cifar100``, ``fashion-mnist``, ``imagefolder:DIR`` or ``fake``.
         batch_size: Samples per batch.
         seed: Seed of the train/val split (digits, single-folder imagefolder) and shuffling.
         root: Where CIFAR lives; default ``$GRANULAR_DATA``, else ``~/.cache/granular/data``.
-        augment: Use training augmentation (CIFAR, imagefolder; ignored for digits and fake).
+            For ``fashion-mnist``: the folder of its idx files (default ``$GRANULAR_DATA``,
+            then ``/usr/share/datasets/fashion-mnist``).
+        augment: Use training augmentation (CIFAR, Fashion-MNIST, imagefolder; ignored for digits and fake).
         num_workers: Loader worker processes.
         limit: Keep only the first ``limit`` training samples and the first
             ``max(1, limit // 4)`` validation samples, for smoke tests.
         image_size: Square input side for ``imagefolder`` (default 224). The other data sets
             have a fixed size; passing a different one for them is an error.
+        subset: Train on a fixed subset of this many training samples, drawn by ``seed``
+            and stratified by class (:func:`granular.datasets.train_subset`); the validation
+            set stays whole. Applied before ``limit``.
 
     Returns:
         The loaded :class:`DataBundle`.
@@ -235,6 +247,8 @@ def load_data(
         raise data_error(f"limit must be a positive integer, got {limit!r}: pass e.g. --limit 256 or leave it out")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise data_error(f"image size must be a positive integer, got {image_size!r}: pass e.g. --image-size 224")
+    if subset is not None:
+        check_subset(subset)
 
     text = str(spec).strip()
     kind, sep, arg = text.partition(":")
@@ -246,10 +260,10 @@ def load_data(
         size = 224 if image_size is None else image_size
         train_set, val_set, num_classes = load_imagefolder(arg.strip(), size, augment, seed)
         name, in_channels = f"imagefolder:{arg.strip()}", 3
-    elif kind in ("digits", "cifar10", "cifar100", "fake"):
+    elif kind in ("digits", "cifar10", "cifar100", "fashion-mnist", "fake"):
         if sep:
             raise data_error(f"data set {kind!r} takes no argument, got {text!r}: pass --dataset {kind}")
-        native = 8 if kind == "digits" else 32
+        native = _NATIVE_SIZE.get(kind, 32)
         if image_size is not None and image_size != native:
             raise data_error(
                 f"{kind} images are {native}x{native}, not {image_size}x{image_size}: "
@@ -260,6 +274,9 @@ def load_data(
             train_set, val_set, num_classes, in_channels = *load_digits(seed), 10, 1
         elif kind == "fake":
             train_set, val_set, num_classes, in_channels = *load_fake(), 10, 3
+        elif kind == "fashion-mnist":
+            from granular.fashion_mnist import load_fashion_mnist
+            train_set, val_set, num_classes, in_channels = *load_fashion_mnist(root, augment), 10, 1
         else:
             train_set, val_set, num_classes = load_cifar(kind, root, augment)
             in_channels = 3
@@ -267,6 +284,8 @@ def load_data(
         known = ", ".join(_DATASETS)
         raise data_error(f"unknown data set {text!r}: pass --dataset with one of {known}")
 
+    if subset is not None:
+        train_set = train_subset(train_set, subset, seed, name)
     if limit is not None:
         train_set = Subset(train_set, range(min(limit, len(train_set))))
         val_set = Subset(val_set, range(min(max(1, limit // 4), len(val_set))))

@@ -1,5 +1,7 @@
 """The data-set readers behind :func:`granular.data.load_data`: scikit-learn's digits, fake
-images, CIFAR and image folders, with their transforms and train/validation splits."""
+images, CIFAR and image folders, with their transforms and train/validation splits, and the
+seeded training subsets of ``--train-subset`` (Fashion-MNIST has its own module,
+:mod:`granular.fashion_mnist`)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from granular.errors import DataError
 
 __all__ = ["load_digits", "load_fake", "load_cifar", "load_imagefolder", "cifar_transforms",
-           "imagefolder_transforms", "mix_seed", "data_error"]
+           "imagefolder_transforms", "mix_seed", "data_error", "check_subset", "train_subset"]
 
 # Per-channel statistics of the CIFAR training sets (pixels in [0, 1]).
 _CIFAR_STATS = {
@@ -40,6 +42,57 @@ def mix_seed(seed: int, epoch: int, *more: int) -> int:
     state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     return int(state) & (2**63 - 1)
 
+
+def _targets(dataset) -> list[int] | None:
+    """The class index of every sample, where the data set knows them without loading images."""
+    if isinstance(dataset, Subset):
+        inner = _targets(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return dataset.tensors[1].tolist()
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        return None
+    return targets.tolist() if isinstance(targets, torch.Tensor) else [int(t) for t in targets]
+
+
+def check_subset(n) -> None:
+    """Raise the one-line :class:`DataError` of ``--train-subset`` unless ``n`` is a positive integer."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise data_error(f"--train-subset must be a positive integer, got {n!r}: pass e.g. --train-subset 5000")
+
+
+def train_subset(dataset: Dataset, n: int, seed: int, name: str) -> Subset:
+    """A fixed subset of ``n`` training samples, drawn by ``seed`` and stratified by class.
+
+    Each class's samples are shuffled by a generator seeded from ``seed``, then dealt out in
+    turns, one per class, and the first ``n`` dealt are kept: the classes keep equal shares as
+    far as their sizes allow, and a larger ``n`` keeps every sample of a smaller one. A data
+    set whose labels are not known up front (``fake``) gets a plain seeded random subset.
+
+    Raises:
+        DataError: ``n`` is not a positive integer, or more than the training set holds.
+    """
+    check_subset(n)
+    if n > len(dataset):
+        raise data_error(f"--train-subset {n} is more than the {len(dataset)} training samples of {name}: "
+                         f"pass at most {len(dataset)}, or leave it out to train on all of them")
+    generator = torch.Generator()
+    generator.manual_seed(mix_seed(seed, 1))  # not n: a larger subset holds a smaller one
+    targets = _targets(dataset)
+    if targets is None:
+        return Subset(dataset, sorted(torch.randperm(len(dataset), generator=generator)[:n].tolist()))
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    queues = [[members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+              for _, members in sorted(by_class.items())]
+    dealt: list[int] = []
+    for turn in range(max(len(q) for q in queues)):
+        dealt.extend(q[turn] for q in queues if turn < len(q))
+        if len(dealt) >= n:
+            break
+    return Subset(dataset, sorted(dealt[:n]))
 
 
 # --------------------------------------------------------------------------- digits

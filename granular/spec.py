@@ -8,8 +8,10 @@ Builders that accept ``num_classes`` / ``in_channels`` get the data set's values
 
 Zoo models (``timm:NAME``, ``torchvision:NAME``) are built with random weights
 (``pretrained=False`` / ``weights=None``): nothing is downloaded, so a spec resolves on an
-offline machine. Each has a default example input, the size its family was designed for,
-which :func:`default_input` returns for ``granular inspect`` and the coverage benchmark.
+offline machine; ``granular search --weights FILE`` starts from trained ones
+(:mod:`granular.weights`). Each has a default example input, the size its family was
+designed for, which :func:`default_input` returns for ``granular inspect`` and the coverage
+benchmark.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The ``granular`` command line.
 
-    granular search SPEC --target-params 2.2M [--dataset D] [--epochs N] [--out DIR] [--resume] [--seed S]
+    granular search SPEC --target-params 2.2M [--dataset D] [--train-subset N] [--weights FILE] [--epochs N]
+                    [--out DIR] [--resume] [--seed S]
     granular export RUN_DIR [--out DIR] [--finetune --epochs N]
     granular retrain RUN_DIR [--arch exact|aligned] [--finetune] [--epochs N] [--aux-weight W] [--drop-path P]
     granular inspect SPEC [--dataset D] [--leaf CLASS ...] [--strict] [--all]
@@ -37,8 +38,14 @@ def _parser() -> argparse.ArgumentParser:
                                 "darts, darts:tiny|small|large")
     s.add_argument("--target-params", help="nonzero parameter target, e.g. 2.2M or 60K (not needed with --resume)")
     s.add_argument("--dataset", default="digits", help="digits (default, offline), cifar10, cifar100, "
-                                                       "imagefolder:DIR, fake")
-    s.add_argument("--data-root", default=None, help="where cifar10/cifar100 live")
+                                                       "fashion-mnist, imagefolder:DIR, fake")
+    s.add_argument("--data-root", default=None, help="where cifar10/cifar100 or fashion-mnist's idx files live "
+                                                     "(default $GRANULAR_DATA; fashion-mnist: then "
+                                                     "/usr/share/datasets/fashion-mnist)")
+    s.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on a fixed subset of N training images (drawn by --seed, stratified by class)")
+    s.add_argument("--weights", default=None, metavar="FILE",
+                   help="start from these weights (.pt, .pth or .safetensors state dict), loaded before tracing")
     s.add_argument("--epochs", type=int, default=None, help="most epochs to run (default 100)")
     s.add_argument("--warmup-epochs", type=int, default=None)
     s.add_argument("--prune-every", type=int, default=None, help="epochs between pruning rounds (default 2)")

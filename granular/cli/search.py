@@ -76,11 +76,12 @@ def _run_search(args: argparse.Namespace, device: torch.device) -> int:
             raise GranularError("--target-params is required: give the nonzero parameter target, e.g. 60K")
         target = parse_size(args.target_params)
         cfg = SearchConfig(target_params=target, **_overrides(args))
+        weights = str(Path(args.weights).expanduser().resolve()) if args.weights else None  # any cwd can resume
         run = {"spec": args.spec, "dataset": args.dataset, "data_root": args.data_root, "augment": args.augment,
-               "leaf": args.leaf or [], "auto_leaf": args.auto_leaf,
+               "train_subset": args.train_subset, "weights": weights, "leaf": args.leaf or [], "auto_leaf": args.auto_leaf,
                "search": cfg.to_dict(), "granular_version": _version()}
     distributed.per_rank_batch(run["search"]["batch_size"])  # the global batch must split over the processes
-    data, gm, cfg = build_run(run)
+    data, gm, cfg = build_run(run, from_checkpoint=args.resume)
     if not args.resume:
         now, floor = check_target(gm, cfg.target_params)
         check_kernels(cfg, device)
@@ -93,7 +94,8 @@ def _run_search(args: argparse.Namespace, device: torch.device) -> int:
         mode = "multi-stage" if use_multi_stage(gm, cfg) else "single-stage"
         world = distributed.world_size()
         procs = f", {world} processes of {cfg.batch_size // world}" if world > 1 else ""
-        console.print(f"[bold]{run['spec']}[/]: {fmt_count(now.nonzero)} parameters, target "
+        start = f" from {args.weights}" if args.weights else ""
+        console.print(f"[bold]{run['spec']}[/]{start}: {fmt_count(now.nonzero)} parameters, target "
                       f"{fmt_count(cfg.target_params)} (reachable down to {fmt_count(floor.nonzero)}), {mode}; "
                       f"data {run['dataset']} ({len(data.train_set)} train / {len(data.val_set)} val{procs}); "
                       f"run directory {run_dir}", highlight=False)
