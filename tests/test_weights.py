@@ -158,7 +158,6 @@ def test_the_gated_graph_holds_the_loaded_weights(tmp_path, spec, trained):
     assert all(torch.equal(gm_state[k], v) for k, v in state.items())
 
 
-@pytest.mark.xfail(reason="gates start at 0.5 until identity gate start lands", strict=False)
 def test_first_evaluation_is_the_loaded_models_accuracy(tmp_path, spec, trained):
     path, _, accuracy = trained
     searcher = _first_searcher(tmp_path, spec, path)
