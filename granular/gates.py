@@ -58,17 +58,21 @@ def long_tailed_step(x: torch.Tensor) -> torch.Tensor:
 
 
 class _SigmoidGate(torch.autograd.Function):
-    """``stored * S(σ(a) - t) * σ(a)`` as one autograd node (σ(a) > 0, so |σ(a)| = σ(a)).
+    """``gain * stored * S(σ(a) - t) * σ(a)`` as one autograd node (σ(a) > 0, so |σ(a)| = σ(a)).
 
     Fused because a super-net has thousands of gates on small tensors, where the autograd
-    bookkeeping of the five elementwise ops would cost more than the arithmetic.
+    bookkeeping of the five elementwise ops would cost more than the arithmetic. The
+    constant ``gain`` (see :func:`gate_value`) folds into the stored mask here, so it costs
+    no autograd node of its own.
     """
 
     @staticmethod
-    def forward(ctx, a, t, mask):
+    def forward(ctx, a, t, mask, gain=None):
         s = torch.sigmoid(a)
         x = s - t
         keep = x >= 0
+        if gain is not None:
+            mask = mask * gain
         ctx.save_for_backward(s, x, keep, mask)
         return torch.where(keep, s * mask, 0.0)
 
@@ -79,7 +83,7 @@ class _SigmoidGate(torch.autograd.Function):
         ds = step_grad(x) * s          # d/dx of S, times σ(a)
         grad_a = gm * (keep + ds) * (s * (1 - s))
         grad_t = -(gm * ds).sum().reshape(()) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_t, None
+        return grad_a, grad_t, None, None
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -110,7 +114,9 @@ def gate_value(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, training: b
     ``gain`` is a constant (a buffer): 1 keeps the paper's gate, which starts at σ(0) = 0.5;
     2 makes the gate start as the identity of the model it wraps, so a trained model keeps
     its function when it is prepared. Thresholds always compare σ(a), not the product."""
-    g = _SigmoidGate.apply(a, t, mask) if training else torch.sigmoid(a) * mask
+    if training:
+        return _SigmoidGate.apply(a, t, mask, gain)
+    g = torch.sigmoid(a) * mask
     return g if gain is None else g * gain
 
 

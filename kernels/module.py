@@ -97,8 +97,8 @@ class GatedConv2d(nn.Module):
         else:
             t = t_omega
         scale = None
-        for param, thr, mask, *gain in gates:
-            g = gate_value(param, thr, mask, self.training, gain[0] if gain else None)
+        for param, thr, mask, gain in gates:
+            g = gate_value(param, thr, mask, self.training, gain)
             scale = g if scale is None else scale * g
         if scale is not None and scale.dim() == 0:
             scale = scale.expand(w.shape[0])

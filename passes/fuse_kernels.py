@@ -14,7 +14,7 @@ that can be non-zero, and applies the gates in its epilogue (``docs/kernels.md``
 Patterns (``wm`` is the ω gate; brackets are optional)::
 
     wm = weight_mask(w, t_ω); y = conv2d(x, wm, b, ...) [; y = filter_gate(y, t_β) [; y = op_gate(y, t_α)]]
-        -> y = granular_kernels.k(x, w, b, t_ω, wmask, gates=[(β, t_β, mask_β), (α, t_α, mask_α)], ...)
+        -> y = granular_kernels.k(x, w, b, t_ω · scale, wmask, gates=[(β, t_β, mask_β, gain_β), (α, ...)], ...)
 
 Gates directly after the conv go into the epilogue. Gates after the conv's BatchNorm stay
 where they are (a train-mode BatchNorm sits between them and the conv), but their stored
@@ -28,7 +28,6 @@ Convs that are not groups=1 or depthwise, 1-d convs and string paddings are left
 from __future__ import annotations
 
 import operator
-
 from typing import Optional
 
 import torch
@@ -129,7 +128,7 @@ class FuseKernels(PassBase):
 
                 wmask = attr(wmask_target) if wmask_target else None
                 if wmask_target:  # t_ω is on the layer's normalised scale (WeightMask.scale)
-                    t = graph.call_function(operator.mul, (t, attr(wmask_target[:-len("mask")] + "scale")))
+                    t = graph.call_function(operator.mul, (t, attr(wmask_target.removesuffix("mask") + "scale")))
                 gates = []
                 for g in epilogue:
                     pname = "beta" if g.meta[GATE].kind == "filter" else "alpha"

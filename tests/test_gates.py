@@ -44,6 +44,32 @@ def test_fused_filter_gate_matches_formula(seed):
     torch.testing.assert_close(gt1, gt2, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_gain_scales_the_gate_and_its_gradients(training):
+    """The identity start's gain of 2 multiplies the gate, forward and backward, in both modes."""
+    g = torch.Generator().manual_seed(3)
+    beta = torch.randn(32, generator=g, dtype=torch.float64)
+    t = torch.tensor(0.45, dtype=torch.float64)
+    mask = (torch.rand(32, generator=g) > 0.2).double()
+    up = torch.randn(32, generator=g, dtype=torch.float64)
+    gain = torch.tensor(2.0, dtype=torch.float64)
+    ref = gate_reference if training else (lambda a, t, m: torch.sigmoid(a) * m)
+
+    def value_and_grads(fn):
+        a, tt = beta.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        y = fn(a, tt, mask)
+        ga, gt = torch.autograd.grad((y * up).sum(), (a, tt), allow_unused=True)
+        return y.detach(), ga, gt
+
+    y1, ga1, gt1 = value_and_grads(lambda a, tt, m: gate_value(a, tt, m, training, gain))
+    y2, ga2, gt2 = value_and_grads(lambda a, tt, m: 2 * ref(a, tt, m))
+    torch.testing.assert_close(y1, y2, rtol=1e-15, atol=0)
+    torch.testing.assert_close(ga1, ga2, rtol=1e-12, atol=1e-14)
+    if training:
+        torch.testing.assert_close(gt1, gt2, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(y1, ref(beta, t, mask))  # the gain did act
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fused_weight_mask_matches_formula(seed):
     g = torch.Generator().manual_seed(seed)

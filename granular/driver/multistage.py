@@ -159,6 +159,7 @@ class MultiStageSearcher(Searcher):
         if self.final:
             return self.cfg.epochs
         return min(self.state["phase_first_epoch"] + self.state["phase_allot"], self.cfg.epochs)
+
     def _train_module(self) -> fx.GraphModule:
         """What the optimisers hold in this phase: the stages built so far (every op, pruned
         or not, so regrowth needs no new parameters), and the phase's head."""
