@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from granular.cli import main as granular_main
+from granular.config import parse_size
 
 CASES = {
     "readme-single": ["darts:tiny", "--target-params", "50K", "--epochs", "30", "--single-stage"],
@@ -56,7 +58,6 @@ def _args(case: str, seed: int, out: Path) -> tuple[list[str], int]:
     i = args.index("--target-params") + 1
     if args[i].endswith("%"):
         args[i] = str(int(_dense(args[0]) * float(args[i][:-1]) / 100))
-    from granular.config import parse_size
     return args + ["--seed", str(seed), "--out", str(out), "--no-progress"], parse_size(args[i])
 
 
@@ -102,7 +103,6 @@ def main() -> None:
         for seed in args.seeds:
             r = done.get((case, seed))
             if r is None:
-                import shutil
                 shutil.rmtree(root / f"{case}-seed{seed}", ignore_errors=True)
                 r = run_one(case, seed, root)
                 with log.open("a") as f:
