@@ -145,6 +145,9 @@ class SearchConfig(GranularConfig):
             steps per round).
         lambda_rise: the threshold rise per round that the automatic ``lambda_init`` aims at.
         lambda_grow_max: the most one round may multiply λ by.
+        live_cap: between rounds the live thresholds may mask at most this many times the
+            share of the count the next round removes, of each layer's filters and each sum's
+            ops (:mod:`granular.driver.livecap`); 0 lets them mask without limit (the paper).
         land: commit at most each round's quota (the units furthest below their thresholds
             first), and at the last round land on the target.
         land_within: a landing this close below the target (fraction) is good enough;
@@ -189,6 +192,7 @@ class SearchConfig(GranularConfig):
     lambda_init: Optional[float] = None
     lambda_rise: float = 0.05
     lambda_grow_max: float = 4.0
+    live_cap: float = 1.0
     land: bool = True
     land_within: float = 0.01
     land_attempts: int = 4
@@ -221,6 +225,7 @@ class SearchConfig(GranularConfig):
         self._check(self.lambda_rise > 0, "lambda_rise must be positive")
         self._check(self.lambda_grow_max >= 1.5, "lambda_grow_max must be at least 1.5")
         self._check(self.mu >= 0, "mu must be non-negative")
+        self._check(self.live_cap >= 0, "live_cap must be non-negative (0 turns the cap off), e.g. 1")
         self._check(self.bn_recalibration_batches >= 0, "bn_recalibration_batches must be non-negative")
         self._check(self.multi_stage in ("auto", "on", "off"), "multi_stage must be 'auto', 'on' or 'off'")
         self._check(self.single_resolution in ("stop", "fallback"), "single_resolution must be 'stop' or 'fallback'")

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="λ when the thresholds are set (default: from the learning rate and steps per round)")
     s.add_argument("--threshold-margin", type=float, default=None,
                    help="thresholds start this fraction below the smallest gate of their scope (default 0.2)")
+    s.add_argument("--live-cap", type=float, default=None,
+                   help="between rounds, thresholds mask at most this many times the next round's share of "
+                        "each layer (default 1; 0: no cap)")
     s.add_argument("--gate-start", choices=("auto", "identity", "half"), default=None,
                    help="identity: gates start as the model's own function (for trained models); half: the "
                         "paper's σ(0)=0.5 (search spaces); auto (default): half for search spaces, else identity")

@@ -33,7 +33,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                "batch_size": "batch_size", "threshold_init": "threshold_init", "mu": "mu", "seed": "seed",
                "multi_stage": "multi_stage", "stage_keep": "stage_keep", "regrow": "regrow",
                "kernels": "kernels", "schedule": "schedule", "lambda_init": "lambda_init",
-               "threshold_margin": "threshold_margin"}
+               "threshold_margin": "threshold_margin", "live_cap": "live_cap"}
     out = {field: getattr(args, arg, None) for arg, field in mapping.items() if getattr(args, arg, None) is not None}
     if getattr(args, "gate_start", None) is not None:
         out["gates"] = {"start": args.gate_start}

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from granular.driver.livecap import LiveCap
 from granular.gates import GATE_ROOT
 from granular.meta import GATE, OP_UNIT, SUM
 
@@ -93,7 +94,8 @@ class OptimMixin:
                         opt.state[p] = old[id(p)]
         self.weights = groups["weights"]
         self._gate_thresholds, self._weight_thresholds = groups["thresholds"], groups["t_omega"]
-        self._trained = groups["weights"] + groups["gates"] + groups["thresholds"] + groups["t_omega"]
+        self._arch = groups["gates"] + groups["thresholds"] + groups["t_omega"]
+        self._trained = groups["weights"] + self._arch
 
     def _active(self):
         """Per-sum active op keys and the thresholds of active scopes. Masks change only at
@@ -106,6 +108,14 @@ class OptimMixin:
                   for name in ("t_alpha", "t_beta", "t_omega") if hasattr(scope, name)]
             self._active_cache = ([a for a in sums if a], ts)
         return self._active_cache
+
+    def _live_cap(self) -> LiveCap:
+        """The live-masking cap for the current stored masks, rebuilt with :meth:`_active`."""
+        active = self._active()
+        cached = getattr(self, "_cap_cache", None)
+        if cached is None or cached[0] is not active:
+            self._cap_cache = (active, LiveCap(self.bank, self.struct.filter_scope, active[0]))
+        return self._cap_cache[1]
 
     def _resource_loss(self) -> torch.Tensor:
         terms = []
@@ -125,7 +135,8 @@ class OptimMixin:
 
     @torch.no_grad()
     def _clamp_thresholds(self) -> None:
-        """Keep thresholds at or above 0, and t_α, t_β at or below 1 (σ never reaches it).
+        """Keep thresholds at or above 0, and t_α, t_β at or below 1 (σ never reaches it), and
+        hold the live masking to the epoch's cap (:mod:`granular.driver.livecap`).
         Magnitudes are never negative, so a negative threshold masks nothing more than 0
         does, but it makes ``exp(-t)`` in L_thr explode (we saw L jump to ~1e3 and the next
         step throw every threshold far past its gates)."""
@@ -134,6 +145,9 @@ class OptimMixin:
             torch._foreach_clamp_max_(self._gate_thresholds, 1.0)
         if self._weight_thresholds:
             torch._foreach_clamp_min_(self._weight_thresholds, 0.0)
+        fraction = self.state.get("live_fraction")
+        if fraction is not None:
+            self._live_cap().apply(fraction)
 
     def _update_op_cost(self) -> None:
         """cost(op) for the μ term: the op's live weights, normalised by the largest op's. Set

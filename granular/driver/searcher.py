@@ -157,6 +157,24 @@ class Searcher(OptimMixin, TrainingMixin, RoundMixin, CheckpointMixin):
     def phase_name(self, warmup: bool) -> str:
         return "warmup" if warmup else "search"
 
+    def plan_live_cap(self) -> None:
+        """Before a search epoch: the share of each layer's filters and each sum's ops that the
+        live thresholds may mask until the next round (:mod:`granular.driver.livecap`):
+        ``live_cap`` times the share of the count that round is planned to remove, 0 when no
+        round is left in the budget (the live graph is then the committed one)."""
+        cfg = self.cfg
+        if not cfg.live_cap:
+            self.state["live_fraction"] = None
+            return
+        nxt = next((e for e in range(self.state["epoch"], self.budget_end()) if self.round_due(e) is not None), None)
+        fraction = 0.0
+        if nxt is not None:
+            kw = self.round_due(nxt)
+            now = kw["count"]().nonzero if "count" in kw else self.state["params"]
+            plan = self.controller().plan(now, self.round_goal(kw.get("goal")), self.rounds_left())
+            fraction = min(1.0, cfg.live_cap * plan.quota / max(now, 1))
+        self.state["live_fraction"] = fraction
+
     def after_epoch(self, round_info: dict[str, Any]) -> dict[str, Any]:
         """Called after each epoch's round; returns more fields for the epoch's metrics row."""
         return {}
@@ -174,6 +192,8 @@ class Searcher(OptimMixin, TrainingMixin, RoundMixin, CheckpointMixin):
                 warmup = self.in_warmup()
                 if not warmup and not self.state["thresholds_initialised"]:
                     self.init_thresholds()
+                if not warmup:
+                    self.plan_live_cap()
                 t0 = time.time()
                 stats = self.train_epoch(epoch, warmup, prog.batch_callback(epoch, len(self.data.train_loader(epoch))))
                 self.sync_state()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from granular import distributed
+from granular.errors import GranularError
 from granular.masks import mask_buffers
 from granular.metrics import count_correct
 
@@ -98,7 +99,7 @@ class TrainingMixin:
         self.net.train()
         loader = self.data.train_loader(epoch)
         lam = 0.0 if warmup else self.state["lambda"]
-        tot = correct = 0
+        tot = correct = skipped = 0
         sum_loss = sum_ce = 0.0
         for i, (x, y) in enumerate(loader):
             x, y = x.to(self.device), y.to(self.device)
@@ -112,7 +113,10 @@ class TrainingMixin:
             loss.backward()
             if distributed.is_distributed():  # average over the global batch (see all_reduce_grads)
                 distributed.all_reduce_grads(self.weights if warmup else self._trained)
-            nn.utils.clip_grad_norm_(self.weights, cfg.grad_clip)
+            norm = nn.utils.clip_grad_norm_(self.weights, cfg.grad_clip)
+            if not self._finite_step(loss, norm, warmup):
+                skipped += 1
+                continue
             self.opt_w.step()
             if not warmup:
                 self.opt_a.step()
@@ -127,7 +131,28 @@ class TrainingMixin:
         if distributed.is_distributed():  # the metrics of the global batches, on every rank
             sum_loss, sum_ce, correct, tot = distributed.all_reduce_sum([sum_loss, sum_ce, correct, tot])
             correct, tot = int(correct), int(tot)
-        return {"loss": sum_loss / max(tot, 1), "ce": sum_ce / max(tot, 1), "train_acc": correct / max(tot, 1)}
+        if skipped * 2 > len(loader):
+            raise GranularError(f"the search diverged: {skipped} of {len(loader)} training steps in epoch "
+                                f"{epoch + 1} had non-finite losses or gradients; lower the learning rates "
+                                f"or --lambda-init, then --resume")
+        out = {"loss": sum_loss / max(tot, 1), "ce": sum_ce / max(tot, 1), "train_acc": correct / max(tot, 1)}
+        if skipped:
+            out["skipped_steps"] = skipped
+        return out
+
+    def _finite_step(self, loss: torch.Tensor, weight_norm: torch.Tensor, warmup: bool) -> bool:
+        """Whether this step's loss and gradients are finite (``weight_norm``: the weights'
+        gradient norm). A non-finite step is dropped (gradients cleared) instead of written
+        into the weights, gates and thresholds, where SGD momentum would carry it into every
+        later step."""
+        ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(weight_norm))
+        if ok and not warmup:
+            grads = [p.grad for p in self._arch if p.grad is not None]
+            ok = not grads or bool(torch.isfinite(nn.utils.get_total_norm(grads)))
+        if not ok:
+            self.opt_w.zero_grad(set_to_none=True)
+            self.opt_a.zero_grad(set_to_none=True)
+        return ok
 
     @torch.no_grad()
     def recalibrate_norms(self, epoch: int) -> None:
