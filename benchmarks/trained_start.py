@@ -32,11 +32,18 @@ from granular.spec import build_model
 MODELS = Path(__file__).resolve().parent / "models" / "resnet20.py"
 
 
-def train_dense(spec: str, data, epochs: int, lr: float, seed: int) -> tuple[torch.nn.Module, float, float]:
-    """SGD with momentum and a cosine schedule; returns the model, its last epoch's running
-    training accuracy and its validation accuracy."""
+def train_dense(spec: str, data, epochs: int, lr: float, seed: int, *, quiet: bool = False
+                ) -> tuple[torch.nn.Module, float, float]:
+    """Build ``spec`` with ``seed`` and :func:`train` it; returns the model, its last epoch's
+    running training accuracy and its validation accuracy."""
     torch.manual_seed(seed)
     model = build_model(spec, num_classes=10, in_channels=1)
+    return (model, *train(model, data, epochs, lr, quiet=quiet))
+
+
+def train(model: torch.nn.Module, data, epochs: int, lr: float, *, quiet: bool = False) -> tuple[float, float]:
+    """SGD with momentum and a cosine schedule; returns the last epoch's running training
+    accuracy and the validation accuracy."""
     steps = epochs * len(data.train_loader(0))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -54,8 +61,9 @@ def train_dense(spec: str, data, epochs: int, lr: float, seed: int) -> tuple[tor
             correct += int((out.argmax(1) == y).sum())
             total += y.numel()
         train_acc = correct / total
-        print(f"dense epoch {epoch + 1}: train acc {train_acc:.3f}", flush=True)
-    return model, train_acc, evaluate(model, data)
+        if not quiet:
+            print(f"dense epoch {epoch + 1}: train acc {train_acc:.3f}", flush=True)
+    return train_acc, evaluate(model, data)
 
 
 @torch.no_grad()

@@ -174,3 +174,22 @@ def test_leaf_that_names_no_module_class(tmp_path, capsys):
     code, err = _run(capsys, "search", VGG, "--target-params", "1K", "--leaf", "NoSuchBlock",
                      "--out", str(tmp_path / "r"))
     assert_one_line_error(code, err, "--leaf NoSuchBlock", "no module of class")
+
+
+def test_granularities_choose_the_gates(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--epochs", "1", "--out", str(run),
+                     "--no-progress", "--granularities", "filter")
+    assert code == 3, err  # one epoch: not reached, but the run directory is written
+    gates = json.loads((run / "config.json").read_text())["search"]["gates"]
+    assert (gates["op_gates"], gates["filter_gates"], gates["weight_masks"]) == (False, True, False)
+    ck = __import__("torch").load(run / "checkpoint.pt", weights_only=False)
+    names = [k for k in ck["model"] if k.startswith("granular_gates.")]
+    assert any(".filter." in k for k in names) and not any(".weight." in k or ".op." in k for k in names)
+
+
+def test_unknown_granularity(tmp_path, capsys):
+    code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--out", str(tmp_path / "r"),
+                     "--granularities", "op,channel")
+    assert_one_line_error(code, err, "--granularities", "channel")
+    assert not (tmp_path / "r").exists()

@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--live-cap", type=float, default=None,
                    help="between rounds, thresholds mask at most this many times the next round's share of "
                         "each layer (default 1; 0: no cap)")
+    s.add_argument("--granularities", default=None, metavar="LIST",
+                   help="which units the search may prune: a comma list of op, filter, weight (default all three)")
     s.add_argument("--gate-start", choices=("auto", "identity", "half"), default=None,
                    help="identity: gates start as the model's own function (for trained models); half: the "
                         "paper's σ(0)=0.5 (search spaces); auto (default): half for search spaces, else identity")

@@ -35,11 +35,29 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                "kernels": "kernels", "schedule": "schedule", "lambda_init": "lambda_init",
                "threshold_margin": "threshold_margin", "live_cap": "live_cap"}
     out = {field: getattr(args, arg, None) for arg, field in mapping.items() if getattr(args, arg, None) is not None}
+    gates = {}
     if getattr(args, "gate_start", None) is not None:
-        out["gates"] = {"start": args.gate_start}
+        gates["start"] = args.gate_start
+    if getattr(args, "granularities", None) is not None:
+        gates.update(_granularities(args.granularities))
+    if gates:
+        out["gates"] = gates
     if getattr(args, "stage_fallback", False):
         out["single_resolution"] = "fallback"
     return out
+
+
+GRANULARITIES = {"op": "op_gates", "filter": "filter_gates", "weight": "weight_masks"}
+
+
+def _granularities(text: str) -> dict[str, bool]:
+    """``--granularities op,filter`` as :class:`~granular.config.GateConfig` fields."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in GRANULARITIES]
+    if bad or not names:
+        raise GranularError(f"--granularities {text!r}: expected a comma list of op, filter, weight "
+                            f"(e.g. op,filter), not {', '.join(bad) or 'nothing'}")
+    return {field: name in names for name, field in GRANULARITIES.items()}
 
 
 def handle(args: argparse.Namespace) -> int:
