@@ -27,7 +27,7 @@ def search_run(tmp_path_factory):
     code = main(["search", USER_MODELS["resnet_like"], "--target-params", "4K", "--epochs", "3",
                  "--warmup-epochs", "1", "--prune-every", "1", "--batch-size", "480", "--out", str(run),
                  "--no-progress", "--seed", "1"])
-    assert code in (0, 3)
+    assert code == 0  # the last round lands on the target
     return run
 
 

@@ -72,7 +72,7 @@ def searched(tmp_path_factory):
     out = tmp_path_factory.mktemp("search") / "run"
     code = main(["search", USER_MODELS["resnet_like"], "--target-params", "6K", "--epochs", "3",
                  "--warmup-epochs", "1", "--prune-every", "1", "--out", str(out), "--no-progress"])
-    assert code in (0, 3)
+    assert code == 0  # the last round lands on the target
     return out
 
 

@@ -94,8 +94,8 @@ def test_search_a_user_registered_space_from_model_py(tmp_path, capsys):
     '''))
     out = tmp_path / "run"
     code = main(["search", f"{f}:user_mobile_test", "--target-params", "2K", "--epochs", "2", "--warmup-epochs", "1",
-                 "--out", str(out), "--no-progress", "--single-stage"])
-    assert code in (0, 3), capsys.readouterr().err
+                 "--out", str(out), "--no-progress", "--single-stage", "--prune-every", "1"])
+    assert code == 0, capsys.readouterr().err  # one round, the budget's last: it lands
     arch = (out / "arch.json").read_text()
     assert '"op": "ir_k5"' in arch and (out / "model" / "model.py").exists()
 
