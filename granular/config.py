@@ -126,7 +126,9 @@ class SearchConfig(GranularConfig):
         target_params: stop when the exported model's nonzero parameters are at or below this.
         epochs: the most epochs to run (warm-up included) before giving up on the target.
         warmup_epochs: epochs that train the weights only, with λ = 0.
-        prune_every: e, the epochs between pruning rounds.
+        prune_every: e, the epochs between pruning rounds; None (the default) picks 2, or 1 when
+            fewer than 8 epochs follow the warm-up, so a short budget still gets the several
+            rounds the budget controller plans with (4 epochs: 4 rounds, not 2).
         batch_size: training batch size.
         lr_weights, lr_gates, lr_thresholds, lr_t_omega: SGD learning rates per group.
         weight_decay: on the weights only.
@@ -176,7 +178,7 @@ class SearchConfig(GranularConfig):
     target_params: int = 0
     epochs: int = 100
     warmup_epochs: int = 5
-    prune_every: int = 2
+    prune_every: Optional[int] = None
     batch_size: int = 96
     lr_weights: float = 0.01
     lr_gates: float = 1.0
@@ -216,6 +218,8 @@ class SearchConfig(GranularConfig):
         self._check(self.epochs >= 1, "epochs must be at least 1")
         self._check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1,
                     "warmup_epochs must be below epochs: lower --warmup-epochs or raise --epochs")
+        if self.prune_every is None:
+            self.prune_every = 1 if self.epochs - self.warmup_epochs < 8 else 2
         self._check(self.prune_every >= 1, "prune_every must be at least 1")
         self._check(self.batch_size >= 1, "batch_size must be at least 1")
         self._check(self.threshold_init in ("min", "zero"), "threshold_init must be 'min' or 'zero'")

@@ -8,7 +8,7 @@ traceback.
 
 from __future__ import annotations
 
-__all__ = ["GranularError", "TraceError", "TargetError", "DataError", "CheckpointError"]
+__all__ = ["GranularError", "TraceError", "TargetError", "DataError", "CheckpointError", "ExportError"]
 
 
 class GranularError(Exception):
@@ -42,3 +42,8 @@ class DataError(GranularError):
 
 class CheckpointError(GranularError):
     """A checkpoint cannot be read or does not match the run."""
+
+
+class ExportError(GranularError):
+    """An exported model does not compute what the pruned model computes (a bug in granular,
+    refused in one line rather than saved)."""

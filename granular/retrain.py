@@ -152,13 +152,16 @@ def train_compact(compact: fx.GraphModule, data, cfg: RetrainConfig, *, out_dir:
                   on_epoch: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
     """Train ``compact`` (in place) with the retrain recipe; returns the final metrics.
 
-    Weights that are exactly zero at the start stay zero (the searched weight sparsity). With
+    Weights that are exactly zero at the start stay zero (the searched weight sparsity); when
+    fine-tuning, every exact zero does, biases included (an exported bias of 0 is counted as
+    pruned, so letting it move would take the model past the count the search landed on). With
     ``out_dir``, writes ``metrics.jsonl`` and an atomic ``checkpoint.pt`` every epoch, and
     ``resume`` continues from that checkpoint. ``on_epoch(row)`` is called after each epoch.
     """
     torch.manual_seed(cfg.seed)
     compact.to(device)
-    fixed = [(p, p != 0) for p in compact.parameters() if p.dim() > 1 and bool((p == 0).any())]
+    fixed = [(p, p != 0) for p in compact.parameters()
+             if (p.dim() > 1 or cfg.finetune) and bool((p == 0).any())]  # fresh norms start at bias 0
     net, drops = retrain_graph(compact, data.example_input().to(device), data.num_classes,
                                drop_path=cfg.drop_path > 0, aux_head=cfg.aux_weight > 0)
     net.to(device)

@@ -19,6 +19,7 @@ from torch import nn
 from granular.accounting import ParamCount
 from granular.gates import FilterGate, OpGate, WeightMask
 from granular.masks import gate_bank, gate_units, protect_last_ops_
+from granular.verify import compare_outputs, flat_outputs
 
 __all__ = ["random_masks_", "open_gates_", "randomize_norms_", "protect_last_ops_", "check_export",
            "ExportCheck", "gate_units"]
@@ -112,16 +113,6 @@ class ExportCheck:
     auto_leaves: list[str] = field(default_factory=list)
 
 
-def _flat_outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat_outputs(o)]
-    return []
-
-
 @torch.no_grad()
 def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float = 1e-4,
                  leaf_modules=(), auto_leaf: bool = False, reload: bool = False, op: float = 0.3,
@@ -155,27 +146,22 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
         random_masks_(gm, op=op, filter=filter, weight=weight, seed=seed)
         gm.eval()
         stage = "gated forward"
-        ref = _flat_outputs(gm(*example_inputs))
+        ref = flat_outputs(gm(*example_inputs))
         stage = "count_params"
         counted = count_params(gm)
         stage = "export"
         compact = export(gm)
         stage = "compact forward"
-        got = _flat_outputs(compact(*example_inputs))
+        got = flat_outputs(compact(*example_inputs))
     except Exception as err:  # noqa: BLE001 - a coverage check reports, it does not stop
         first = (str(err).strip().splitlines() or [""])[0][:300]
         return ExportCheck(False, f"{stage}: {type(err).__name__}: {first}", original=original, units=units,
                            auto_leaves=leaves)
     exported = count_module(compact)
-    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got)):
-        return ExportCheck(False, "compact outputs differ in number or shape", counted=counted,
-                           exported=exported, original=original, units=units, auto_leaves=leaves)
-    scale = max(float(r.abs().max()) for r in ref) if ref else 0.0
-    err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got)) if ref else 0.0
-    rel = err / scale if scale > 0 else err
-    reasons = []
-    if not rel <= rtol:
-        reasons.append(f"compact output differs from gated by {rel:.2e} relative (> {rtol:g})")
+    reasons, rel = compare_outputs(ref, got, rtol)
+    if math.isinf(rel):
+        return ExportCheck(False, reasons[0], counted=counted, exported=exported, original=original, units=units,
+                           auto_leaves=leaves)
     if counted != exported:
         reasons.append(f"count_params says {counted}, export has {exported}")
     if exported.total >= original:
@@ -193,7 +179,7 @@ def _reload_problems(compact, example_inputs, expected: list[torch.Tensor]) -> l
     with tempfile.TemporaryDirectory() as d:
         try:
             save(compact, d)
-            again = _flat_outputs(load(d)(*example_inputs))
+            again = flat_outputs(load(d)(*example_inputs))
         except Exception as err:  # noqa: BLE001
             first = (str(err).strip().splitlines() or [""])[0][:300]
             return [f"reload: {type(err).__name__}: {first}"]

@@ -13,7 +13,7 @@ from granular.config import RetrainConfig
 from granular.retrain import _alignment_width, aligned_, build_retrain_model
 from granular.search_spaces import build_search_space, describe_op
 
-from _models import USER_MODELS
+from _models import USER_MODELS, user_model
 
 
 def test_alignment_rule_follows_method_md():
@@ -128,6 +128,27 @@ def test_export_finetune_starts_from_the_searched_function(searched, capsys):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():   # with a vanishing learning rate, fine-tuning keeps the searched function
         assert torch.allclose(tuned(x), exported(x), atol=1e-4)
+
+
+def test_finetuning_keeps_every_exact_zero_so_the_count_stays_the_searched_one():
+    """Regression: an exported bias of exactly 0 counts as pruned, but fine-tuning moved it,
+    and the fine-tuned model ended 13 parameters above the target its search landed on."""
+    from granular.data import load_data
+    from granular.retrain import train_compact
+
+    data = load_data("digits", batch_size=96, seed=0, limit=300)
+    gm = granular.prepare(user_model("resnet_like"), data.example_input())
+    granular.testing.random_masks_(gm, op=0.0, filter=0.3, weight=0.5, seed=0)
+    cfg = RetrainConfig(epochs=1, finetune=True, lr=0.05)
+    compact, _ = build_retrain_model(gm, cfg)
+    with torch.no_grad():  # zero biases, as when every weight into a channel was masked
+        biases = [p for n, p in compact.named_parameters() if p.dim() == 1]
+        for b in biases:
+            b[0] = 0.0
+    before = sum(int(torch.count_nonzero(p)) for p in compact.parameters())
+    train_compact(compact, data, cfg)
+    assert sum(int(torch.count_nonzero(p)) for p in compact.parameters()) <= before
+    assert all(float(b[0]) == 0.0 for b in biases)
 
 
 def test_filter_pruned_model_trains_from_scratch_and_its_zeros_stay_zero():

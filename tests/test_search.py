@@ -230,7 +230,8 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
 def test_resume_rewrites_a_log_row_the_checkpoint_never_saw(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["search", USER_MODELS["vgg_like"], "--out", str(run), "--no-progress"]
-    assert main(args + ["--target-params", "20K", "--epochs", "2", "--warmup-epochs", "1"]) == 3
+    # a round every 2 epochs: epoch 2 ends before the first one, so the target is not reached
+    assert main(args + ["--target-params", "20K", "--epochs", "2", "--warmup-epochs", "1", "--prune-every", "2"]) == 3
     with open(run / "metrics.jsonl", "a") as f:  # killed after logging epoch 3, before its checkpoint
         f.write(json.dumps({"epoch": 3, "phase": "warmup"}) + "\n")
     # the target is read from the run; epoch 3's round is the budget's last, so it lands

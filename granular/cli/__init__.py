@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="start from these weights (.pt, .pth or .safetensors state dict), loaded before tracing")
     s.add_argument("--epochs", type=int, default=None, help="most epochs to run (default 100)")
     s.add_argument("--warmup-epochs", type=int, default=None)
-    s.add_argument("--prune-every", type=int, default=None, help="epochs between pruning rounds (default 2)")
+    s.add_argument("--prune-every", type=int, default=None,
+                   help="epochs between pruning rounds (default 2, or 1 when fewer than 8 epochs follow the warm-up)")
     s.add_argument("--batch-size", type=int, default=None, help="default 96")
     s.add_argument("--threshold-init", choices=("min", "zero"), default=None)
     s.add_argument("--mu", type=float, default=None, help="parameter-cost weight in the resource loss")

@@ -23,6 +23,7 @@ from granular.driver import check_kernels, check_target, make_searcher, single_r
 from granular.errors import CheckpointError, GranularError
 from granular.files import write_json
 from granular.io import save
+from granular.verify import data_batch, verify_export
 from granular.passes.split_stages import count_resolutions
 
 __all__ = ["handle"]
@@ -127,6 +128,7 @@ def _run_search(args: argparse.Namespace, device: torch.device) -> int:
         console.print(f"resuming {run_dir} at epoch {searcher.state['epoch']}", highlight=False)
     result = searcher.run()
     if main:
+        verify_export(result.gm, result.compact, data_batch(data).to(device))
         write_json(run_dir / ARCH, architecture(result.gm))
         save(result.compact, run_dir / MODEL_DIR, metadata={"spec": run["spec"], "dataset": run["dataset"],
                                                            "target_params": cfg.target_params,
