@@ -120,42 +120,32 @@ def _verify_structure(source: str, tensors: dict[str, torch.Tensor], library: di
 
 
 def save(model: torch.fx.GraphModule, path: str | os.PathLike,
-         *, metadata: dict | None = None) -> pathlib.Path:
+         *, metadata: dict | None = None, format: str = "py", example_inputs=None) -> pathlib.Path:
     """Write ``model`` (an exported compact GraphModule) to the directory ``path``.
 
     The directory (and its parents) is created. It receives ``model.py`` (self-contained
     source, loadable without granular), ``model.safetensors`` and ``granular.json``; each file
     is written atomically. Returns the directory as a :class:`pathlib.Path`.
 
+    ``format="onnx"`` or ``"pt2"`` writes ``model.onnx`` or ``model.pt2`` (and
+    ``granular.json``) instead, checked against ``model`` on ``example_inputs`` first
+    (:mod:`granular.formats`); any ``nn.Module`` can be saved so.
+
     Raises :class:`~granular.errors.GranularError` if the model holds a module type outside
     the supported standard ``torch.nn`` leaves, or its code uses a global that cannot be
     written as a torch/standard-library import.
     """
+    if format != "py":
+        return _save_format(model, path, metadata, format, example_inputs)
     if not isinstance(model, torch.fx.GraphModule):
         raise GranularError(
             f"granular.save expects the torch.fx.GraphModule returned by granular.export, "
             f"got {type(model).__name__}"
         )
-    if metadata is not None and not isinstance(metadata, dict):
-        raise GranularError(f"metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        metadata_json = json.loads(json.dumps(metadata or {}))
-    except (TypeError, ValueError) as exc:
-        raise GranularError(f"metadata is not JSON-serialisable: {exc}") from None
-
+    info = _info(model, metadata)
     source, constants, library = generate_source(model)
     tensors = _storable_tensors(model, constants)
     _verify_structure(source, tensors, library)
-
-    unique_params = {id(p): p for p in model.parameters()}.values()
-    info = {
-        "format_version": SAVE_FORMAT_VERSION,
-        "torch_version": torch.__version__,
-        "parameters": int(sum(p.numel() for p in unique_params)),
-        "nonzero_parameters": int(sum(int(torch.count_nonzero(p.detach()))
-                                      for p in unique_params)),
-        "metadata": metadata_json,
-    }
 
     directory = pathlib.Path(path)
     if directory.exists() and not directory.is_dir():
@@ -170,6 +160,33 @@ def save(model: torch.fx.GraphModule, path: str | os.PathLike,
         atomic_write(directory / LEAVES_FILE, lambda tmp: torch.save(library, tmp))
     write_text(directory / MODEL_FILE, source)
     write_text(directory / INFO_FILE, json.dumps(info, indent=2) + "\n")
+    return directory
+
+
+def _info(model: nn.Module, metadata: dict | None, **extra) -> dict[str, Any]:
+    """``granular.json``: the format, torch version, parameter counts and the caller's metadata."""
+    if metadata is not None and not isinstance(metadata, dict):
+        raise GranularError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        metadata_json = json.loads(json.dumps(metadata or {}))
+    except (TypeError, ValueError) as exc:
+        raise GranularError(f"metadata is not JSON-serialisable: {exc}") from None
+    unique_params = {id(p): p for p in model.parameters()}.values()
+    return {"format_version": SAVE_FORMAT_VERSION, **extra, "torch_version": torch.__version__,
+            "parameters": int(sum(p.numel() for p in unique_params)),
+            "nonzero_parameters": int(sum(int(torch.count_nonzero(p.detach())) for p in unique_params)),
+            "metadata": metadata_json}
+
+
+def _save_format(model: nn.Module, path, metadata, fmt: str, example_inputs) -> pathlib.Path:
+    from granular.formats import save_format
+    info = _info(model, metadata, format=fmt)
+    directory = pathlib.Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise GranularError(f"cannot save to {directory}: it exists and is not a directory")
+    save_format(model, directory, fmt, example_inputs)
+    if not (directory / INFO_FILE).exists():  # beside a model.py, its granular.json stays
+        write_text(directory / INFO_FILE, json.dumps(info, indent=2) + "\n")
     return directory
 
 

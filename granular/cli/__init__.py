@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--out", default=None, help="where to write the model (default RUN_DIR/model; "
                                                "RUN_DIR/finetune with --finetune)")
+    e.add_argument("--format", choices=("py", "onnx", "pt2"), default="py",
+                   help="py: model.py + safetensors (default); onnx: model.onnx (needs granular[onnx]); "
+                        "pt2: a torch.export program (model.pt2). Each is checked on a batch before it is written")
     e.add_argument("--finetune", action="store_true",
                    help="fine-tune the exported model from the searched weights before writing it")
     _train_options(e, epochs_help="fine-tuning epochs (default 10, at --lr 0.005)")

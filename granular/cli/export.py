@@ -26,7 +26,9 @@ def handle(args: argparse.Namespace) -> int:
     run_cfg, data, gm = load_searched(run_dir)
     out = Path(args.out) if args.out else run_dir / MODEL_DIR
     compact = export(gm)
-    verify_export(gm, compact, data_batch(data))
-    save(compact, out, metadata={"spec": run_cfg["spec"], "dataset": run_cfg["dataset"]})
+    batch = data_batch(data)
+    verify_export(gm, compact, batch)
+    save(compact, out, metadata={"spec": run_cfg["spec"], "dataset": run_cfg["dataset"]},
+         format=getattr(args, "format", "py"), example_inputs=batch)
     Console(stderr=True).print(f"exported to {out}", highlight=False)
     return 0

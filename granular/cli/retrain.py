@@ -20,6 +20,7 @@ from granular.config import RetrainConfig
 from granular.errors import CheckpointError, GranularError
 from granular.files import write_json
 from granular.io import save
+from granular.verify import data_batch
 from granular.retrain import build_retrain_model, train_compact
 
 __all__ = ["handle"]
@@ -61,8 +62,11 @@ def handle(args: argparse.Namespace, *, finetune_only: bool = False) -> int:
     result = train_compact(compact, data, cfg, out_dir=out, device=args.device, resume=args.resume,
                            on_epoch=None if args.no_progress else show)
     compact.eval().cpu()
-    save(compact, out / MODEL_DIR, metadata={"spec": run_cfg["spec"], "dataset": run_cfg["dataset"],
-                                             "arch": cfg.arch, "finetune": cfg.finetune})
+    meta = {"spec": run_cfg["spec"], "dataset": run_cfg["dataset"], "arch": cfg.arch, "finetune": cfg.finetune}
+    save(compact, out / MODEL_DIR, metadata=meta)
+    fmt = getattr(args, "format", "py")
+    if fmt != "py":  # export --finetune --format onnx|pt2: the deployment file beside model.py
+        save(compact, out / MODEL_DIR, metadata=meta, format=fmt, example_inputs=data_batch(data))
     summary = {k: v for k, v in result.items() if k != "history"} | info
     write_json(out / RESULT, summary)
     console.print(f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}, {result['params']:,} parameters "

@@ -1,0 +1,87 @@
+"""Deployment formats: ``save(..., format="pt2" | "onnx")`` and ``granular export --format``,
+each run back and checked against the compact model before it is written; and the compact
+model under ``torch.compile``."""
+
+import json
+
+import pytest
+import torch
+
+import granular
+from granular.cli import main
+from granular.errors import ExportError, GranularError
+
+from _models import USER_MODELS, user_model
+
+
+@pytest.fixture(scope="module")
+def compact():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    gm = granular.prepare(user_model("resnet_like"), x)
+    granular.testing.random_masks_(gm, op=0.3, filter=0.3, weight=0.3, seed=0)
+    return granular.export(gm.eval()), x
+
+
+def test_pt2_reloads_without_granular_and_computes_the_same(compact, tmp_path):
+    model, x = compact
+    granular.save(model, tmp_path, format="pt2", example_inputs=x)
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    for batch in (x, torch.randn(7, 1, 8, 8)):  # the batch dimension is dynamic
+        torch.testing.assert_close(program(batch), model(batch), rtol=1e-4, atol=1e-5)
+    info = json.loads((tmp_path / "granular.json").read_text())
+    assert info["format"] == "pt2" and info["nonzero_parameters"] > 0
+
+
+def test_onnx_runs_in_onnxruntime_and_computes_the_same(compact, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the optional onnx extra: pip install 'granular[onnx]'")
+    pytest.importorskip("onnxscript")
+    model, x = compact
+    granular.save(model, tmp_path, format="onnx", example_inputs=x)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (x, torch.randn(5, 1, 8, 8)):
+        (out,) = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model(batch).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_format_that_computes_something_else_is_not_written(compact, tmp_path, monkeypatch):
+    model, x = compact
+    import granular.formats as formats
+    real = formats._run_pt2
+    monkeypatch.setattr(formats, "_run_pt2", lambda path, inputs: [t + 1.0 for t in real(path, inputs)])
+    with pytest.raises(ExportError, match="pt2 export does not compute"):
+        granular.save(model, tmp_path / "out", format="pt2", example_inputs=x)
+    assert not (tmp_path / "out" / "model.pt2").exists()
+
+
+def test_formats_need_an_example_batch(compact, tmp_path):
+    with pytest.raises(GranularError, match="example_inputs"):
+        granular.save(compact[0], tmp_path, format="pt2")
+
+
+def test_export_command_writes_a_checked_pt2(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["search", USER_MODELS["resnet_like"], "--target-params", "6K", "--epochs", "3", "--warmup-epochs",
+                 "1", "--prune-every", "1", "--batch-size", "480", "--out", str(run), "--no-progress"]) == 0
+    assert main(["export", str(run), "--format", "pt2", "--out", str(tmp_path / "e")]) == 0
+    program = torch.export.load(tmp_path / "e" / "model.pt2").module()
+    py = granular.load(run / "model")
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(program(x), py(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_compact_model_captures_whole_under_torch_compile(compact):
+    model, x = compact
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_compact_model_runs_under_inductor(compact):
+    model, x = compact
+    torch._dynamo.reset()
+    compiled = torch.compile(model)  # inductor: C++ on CPU (about a minute here), Triton on a GPU
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
