@@ -197,7 +197,7 @@ class SearchConfig(GranularConfig):
     live_cap: float = 1.0
     land: bool = True
     land_within: float = 0.01
-    land_attempts: int = 4
+    land_attempts: int = 8
     bn_recalibration_batches: int = 8
     gates: GateConfig = field(default_factory=GateConfig)
     seed: int = 0

@@ -7,7 +7,8 @@
    thresholds, furthest below first (their *supply* is what committing all of them would
    remove). A round commits the longest prefix that stays within its quota. At the deadline it
    lands on the goal instead: the shortest prefix that meets it, and when the units below
-   threshold do not get there, the units closest to their thresholds follow in that order.
+   threshold do not get there (or a big one overshoots it), the units closest to their
+   thresholds follow in that order.
    Deciding leaves the stored masks as it found them.
 3. **Apply** (:meth:`RoundMixin.apply_round`): commit the chosen units, protect the last op
    of every sum and the last filter of every layer, let the controller move λ from the
@@ -125,6 +126,13 @@ class RoundMixin:
         out.sort(key=lambda u: u[0])
         return out
 
+    def _fillers(self, allowed=None) -> list[Unit]:
+        """Kept units above their thresholds that can fine-tune a landing: weights, or filters
+        when no layer has weight masks; closest to their thresholds first."""
+        above = [u for u in self._candidates(allowed, every=True) if u[0] >= 0]
+        weights = [u for u in above if u[1] == "weight"]
+        return weights or [u for u in above if u[1] == "filter"]
+
     @torch.no_grad()
     def _commit(self, units) -> None:
         b = self.bank
@@ -227,7 +235,10 @@ class RoundMixin:
                 units, after = self._prefix(saved, every, plan.goal, count, within=False)
                 how = "deadline"
         elif plan.deadline and full.nonzero < plan.goal and self.cfg.land:
-            units, after = self._prefix(saved, cands, plan.goal, count, within=False)
+            # the candidates first, then the smallest units closest to their thresholds: when a big
+            # unit overshoots and is set aside, weights (or filters without weight masks) still land
+            # close to the goal, and no op is removed that its threshold did not pass
+            units, after = self._prefix(saved, cands + self._fillers(allowed), plan.goal, count, within=False)
             how = "capped"
         elif full.nonzero < plan.goal and self.cfg.land:
             units, after = self._prefix(saved, cands, plan.goal, count, within=True)
