@@ -17,9 +17,11 @@ the dense model's parameters) on the same budget of extra epochs:
   scratch for the dense epochs plus the budget (the compute the others had).
 
 Every count is the nonzero parameters of the final plain module, by one counter for all
-(:func:`nonzero`), and every method must end at or under its target. Fine-tuning uses one
-recipe for all (SGD, momentum 0.9, cosine from ``--lr``); granular's through its own CLI with
-the same learning rate. It prints one line per run and a table: mean ± std of test accuracy
+(:func:`nonzero`), and every method must end at or under its target. The peers fine-tune with
+one recipe (SGD, momentum 0.9, cosine from ``--lr``); granular with its own ``export
+--finetune`` defaults (the same SGD from lr 0.005): its compact model has its BatchNorms folded
+into the convolutions, and at the peers' 0.01 one epoch took a ResNet-8 at 30% from 83.4% to
+78.3% (0.005: 83.7%, 0.002: 83.8%, 0.001: 83.7%). It prints one line per run and a table: mean ± std of test accuracy
 (the official 10,000 test images) and the nonzero count, per method and target.
 
     pip install torch-pruning==1.6.0            # optional, for the torch-pruning rows
@@ -107,8 +109,8 @@ def run_granular(method, ctx) -> tuple[nn.Module, dict]:
     left = ctx["budget"] - used
     model_dir = out / "model"
     if left > 0:
-        granular_main(["export", str(out), "--finetune", "--epochs", str(left), "--lr", str(ctx["lr"]),
-                       "--seed", str(ctx["seed"]), "--no-progress"])
+        granular_main(["export", str(out), "--finetune", "--epochs", str(left), "--seed", str(ctx["seed"]),
+                       "--no-progress"])
         model_dir = out / "finetune" / "model"
     return load_saved(model_dir), {"search_exit": code, "search_epochs": used, "finetune_epochs": max(left, 0)}
 
