@@ -7,8 +7,9 @@
    thresholds, furthest below first (their *supply* is what committing all of them would
    remove). A round commits the longest prefix that stays within its quota. At the deadline it
    lands on the goal instead: the shortest prefix that meets it, and when the units below
-   threshold do not get there (or a big one overshoots it), the units closest to their
-   thresholds follow in that order.
+   threshold do not get there (or a big one overshoots it), the weights closest to their
+   thresholds follow in that order (filters without weight masks; every unit only when
+   those cannot land it).
    Deciding leaves the stored masks as it found them.
 3. **Apply** (:meth:`RoundMixin.apply_round`): commit the chosen units, protect the last op
    of every sum and the last filter of every layer, let the controller move λ from the
@@ -229,17 +230,16 @@ class RoundMixin:
         if plan.quota <= 0:
             units, how = [], "none"
             after = self._try(saved, [], count)
-        elif plan.deadline and full.nonzero > plan.goal and self.cfg.land:
-            every = self._candidates(allowed, every=True)
-            if self._try(saved, every, count).nonzero <= plan.goal:
-                units, after = self._prefix(saved, every, plan.goal, count, within=False)
-                how = "deadline"
-        elif plan.deadline and full.nonzero < plan.goal and self.cfg.land:
-            # the candidates first, then the smallest units closest to their thresholds: when a big
-            # unit overshoots and is set aside, weights (or filters without weight masks) still land
-            # close to the goal, and no op is removed that its threshold did not pass
-            units, after = self._prefix(saved, cands + self._fillers(allowed), plan.goal, count, within=False)
-            how = "capped"
+        elif plan.deadline and full.nonzero != plan.goal and self.cfg.land:
+            # the candidates first, then the smallest units closest to their thresholds (weights,
+            # or filters without weight masks): they make up a shortfall and fine-tune an
+            # overshoot, and no op its threshold did not pass is removed unless they cannot land
+            order = cands + self._fillers(allowed)
+            if self._try(saved, order, count).nonzero > plan.goal:
+                order = self._candidates(allowed, every=True)
+            if self._try(saved, order, count).nonzero <= plan.goal:
+                units, after = self._prefix(saved, order, plan.goal, count, within=False)
+                how = "deadline" if full.nonzero > plan.goal else "capped"
         elif full.nonzero < plan.goal and self.cfg.land:
             units, after = self._prefix(saved, cands, plan.goal, count, within=True)
             how = "capped"
