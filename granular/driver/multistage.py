@@ -271,6 +271,14 @@ class MultiStageSearcher(Searcher):
         w = [f"weight.{k}.mask" for k, s in self.struct.layer_scope.items() if s == key]
         return f + w
 
+    def _fillers(self, allowed=None) -> list:
+        """A stage phase's deadline is filled by the units of every kind closest to their
+        thresholds (ops included), as the paper's stages prune ops and regrowth then brings
+        some back; the final phase fills with weights like a single-stage search."""
+        if self.final:
+            return super()._fillers(allowed)
+        return [u for u in self._candidates(allowed, every=True) if u[0] >= 0]
+
     @torch.no_grad()
     def pruning_round(self, **kw) -> dict[str, Any]:
         alive = {k for k, m in self.bank.op.items() if float(m.mask) > 0}
