@@ -131,20 +131,3 @@ def test_a_diverged_search_stops_with_one_line(digits):
     s = _searcher(_Poisoned(digits, set(range(100))), epochs=12, warmup_epochs=1)
     with pytest.raises(GranularError, match="diverged.*--resume"):
         s.train_epoch(0, warmup=True)
-
-
-def test_a_residual_sum_counts_its_identity_so_its_one_op_is_masked_only_from_half_on(digits):
-    s = _searcher(digits)
-    s.init_thresholds()
-    residual = [(keys, n) for keys, n in zip(s.struct.sums, s.struct.sum_inputs) if len(keys) == 1 and n == 2]
-    assert residual, "resnet_like has blocks whose identity joins one gated op"
-    op = residual[0][0][0]
-    cap = LiveCap(s.bank, s.struct.filter_scope, s.struct.sums, s.struct.sum_inputs)
-
-    def below():
-        return float(torch.sigmoid(s.bank.op[op].alpha)) < float(s.bank.scopes[op].t_alpha)
-    for fraction, masked in ((0.4, False), (0.5, True)):
-        with torch.no_grad():
-            s.bank.scopes[op].t_alpha.fill_(0.9)
-        cap.apply(fraction)
-        assert below() == masked, fraction
