@@ -162,8 +162,11 @@ def test_search_on_the_fused_path_prunes_what_the_eager_search_prunes():
         torch.manual_seed(0)
         gm = granular.prepare(user_model("resnet_like"), data.example_input())
         target = int(granular.count_params(gm).nonzero * 0.6)
+        # live_cap=0: the cap puts a threshold exactly on a gate, where the fused and eager σ may
+        # differ by an ulp and flip that gate; the equality is about the kernels, not the cap
         s = Searcher(gm, data, SearchConfig(target_params=target, epochs=3, warmup_epochs=1, prune_every=1,
-                                            kernels=kernels, bn_recalibration_batches=1), progress=False)
+                                            kernels=kernels, bn_recalibration_batches=1, live_cap=0.0),
+                     progress=False)
         assert bool(_fused_modules(s.net)) == (kernels == "on")
         s.run()
         runs[kernels] = s.history
