@@ -43,14 +43,11 @@ class LiveCap:
         bank: the gate bank.
         filter_scope: filter-gate key -> its scope id.
         sums: the op keys of each sum.
-        sum_inputs: how many inputs each sum adds, gated or not (a residual sum adds an identity
-            that no gate can mask, so its one op counts as half of it).
     """
 
-    def __init__(self, bank: GateBank, filter_scope: dict[str, str], sums: list[list[str]],
-                 sum_inputs: list[int] | None = None):
+    def __init__(self, bank: GateBank, filter_scope: dict[str, str], sums: list[list[str]]):
         self._filters(bank, filter_scope)
-        self._ops(bank, sums, sum_inputs or [len(s) for s in sums])
+        self._ops(bank, sums)
 
     # ------------------------------------------------------------------ layout (once per round)
     def _filters(self, bank: GateBank, filter_scope: dict[str, str]) -> None:
@@ -75,13 +72,12 @@ class LiveCap:
         self.f_scope = torch.tensor([where[filter_scope[k]] for k in keys], dtype=torch.long)
         self.f_width = max(sizes, default=0)
 
-    def _ops(self, bank: GateBank, sums: list[list[str]], sum_inputs: list[int]) -> None:
+    def _ops(self, bank: GateBank, sums: list[list[str]]) -> None:
         # sums of two or more alive ops; a residual branch (one op beside an identity) is not
         # capped: masking it live keeps the identity, and capping it starved the rounds of
         # timm:resnet10t (its blocks are few and large) until the deadline cut 2/3 of the model
         alive = [[k for k in keys if float(bank.op[k].mask) > 0] for keys in sums]
         sums = [s for s in alive if len(s) > 1]
-        live_inputs = [len(s) for s in sums]
         ops = sorted({k for s in sums for k in s})
         where = {k: i for i, k in enumerate(ops)}
         self.alphas = [bank.op[k].alpha for k in ops]
@@ -89,7 +85,7 @@ class LiveCap:
         self.o_op = torch.tensor([where[k] for s in sums for k in s], dtype=torch.long)
         self.o_row = torch.tensor([r for r, s in enumerate(sums) for _ in s], dtype=torch.long)
         self.o_col = torch.tensor([c for s in sums for c in range(len(s))], dtype=torch.long)
-        self.o_size = torch.tensor(live_inputs, dtype=torch.long)
+        self.o_size = torch.tensor([len(s) for s in sums], dtype=torch.long)
         self.o_width = max((len(s) for s in sums), default=0)
 
     # ------------------------------------------------------------------ per step

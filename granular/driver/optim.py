@@ -40,7 +40,6 @@ class Structure:
     """What the loss and the rounds need to know about the gated graph, read once from meta."""
 
     sums: list[list[str]]                  # op-unit keys per sum (sums with unit inputs only)
-    sum_inputs: list[int]                  # how many inputs each of those sums adds (gated or not)
     layer_scope: dict[str, str]            # weight-mask key -> scope
     filter_scope: dict[str, str]           # filter-gate key -> scope
     weight_of: dict[str, nn.Parameter]     # weight-mask key -> the masked weight
@@ -49,7 +48,7 @@ class Structure:
 
 def structure(gm: fx.GraphModule) -> Structure:
     by_name = {n.name: n for n in gm.graph.nodes}
-    sums, sum_inputs, layer_scope, filter_scope, weight_of, op_paths = [], [], {}, {}, {}, {}
+    sums, layer_scope, filter_scope, weight_of, op_paths = [], {}, {}, {}, {}
     for n in gm.graph.nodes:
         info = n.meta.get(SUM)
         if info is not None:
@@ -57,7 +56,6 @@ def structure(gm: fx.GraphModule) -> Structure:
                     if i in by_name and GATE in by_name[i].meta and by_name[i].meta[GATE].kind == "op"]
             if keys:
                 sums.append(keys)
-                sum_inputs.append(len(info.inputs))
         g = n.meta.get(GATE)
         if g is not None and g.kind == "weight":
             layer_scope[g.key] = g.scope
@@ -66,7 +64,7 @@ def structure(gm: fx.GraphModule) -> Structure:
             filter_scope[g.key] = g.scope
         if OP_UNIT in n.meta:
             op_paths[n.meta[OP_UNIT].id] = n.meta[OP_UNIT].path
-    return Structure(sums, sum_inputs, layer_scope, filter_scope, weight_of, op_paths)
+    return Structure(sums, layer_scope, filter_scope, weight_of, op_paths)
 
 
 class OptimMixin:
@@ -116,8 +114,7 @@ class OptimMixin:
         active = self._active()
         cached = getattr(self, "_cap_cache", None)
         if cached is None or cached[0] is not active:
-            self._cap_cache = (active, LiveCap(self.bank, self.struct.filter_scope, self.struct.sums,
-                                               self.struct.sum_inputs))
+            self._cap_cache = (active, LiveCap(self.bank, self.struct.filter_scope, self.struct.sums))
         return self._cap_cache[1]
 
     def _resource_loss(self) -> torch.Tensor:
