@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-__all__ = ["interleaved_times", "header", "PeakTensorMemory"]
+__all__ = ["interleaved_times", "header", "PeakTensorMemory", "ResultLog"]
 
 
 def interleaved_times(fns: dict[str, Callable[[], None]], *, warmup: int = 2, repeats: int = 7) -> dict[str, float]:
@@ -24,6 +26,40 @@ def interleaved_times(fns: dict[str, Callable[[], None]], *, warmup: int = 2, re
             fn()
             samples[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+class ResultLog:
+    """``OUT/results.jsonl``, one run per line, written as each run ends so a killed benchmark
+    loses at most the run in flight. With ``resume`` the runs already there are kept and
+    :meth:`get` returns them by key; without it the old file is removed.
+
+    Args:
+        root: the benchmark's output folder (created).
+        key: the fields of a result that name its run, e.g. ``("case", "seed")``.
+        resume: keep the runs already logged.
+    """
+
+    def __init__(self, root: Path, key: tuple[str, ...], resume: bool):
+        root.mkdir(parents=True, exist_ok=True)
+        self.path, self.key = root / "results.jsonl", key
+        self.done: dict[tuple, dict] = {}
+        if resume and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                r = json.loads(line)
+                self.done[tuple(r[k] for k in key)] = r
+        elif self.path.exists():
+            self.path.unlink()
+
+    def get(self, *key) -> dict | None:
+        """The logged result of run ``key``, or None when it has not run."""
+        return self.done.get(tuple(key))
+
+    def add(self, result: dict) -> dict:
+        """Append ``result`` (flushed before returning) and return it."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        self.done[tuple(result[k] for k in self.key)] = result
+        return result
 
 
 def header(title: str) -> None:

@@ -29,6 +29,8 @@ import torch
 from granular.cli import main as granular_main
 from granular.config import parse_size
 
+from _common import ResultLog
+
 CASES = {
     "readme-single": ["darts:tiny", "--target-params", "50K", "--epochs", "30", "--single-stage"],
     "readme-multi": ["darts:tiny", "--target-params", "50K", "--epochs", "30", "--multi-stage"],
@@ -87,26 +89,16 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="skip the runs already in OUT/results.jsonl")
     args = ap.parse_args()
     root = Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / "results.jsonl"
-    done = {}
-    if args.resume and log.exists():
-        for line in log.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["case"], r["seed"])] = r
-    elif log.exists():
-        log.unlink()
+    log = ResultLog(root, ("case", "seed"), args.resume)
     print(f"# landing: within {LAND:.0%} below the target, inside the epoch budget; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = []
     for case in args.cases:
         for seed in args.seeds:
-            r = done.get((case, seed))
+            r = log.get(case, seed)
             if r is None:
                 shutil.rmtree(root / f"{case}-seed{seed}", ignore_errors=True)
-                r = run_one(case, seed, root)
-                with log.open("a") as f:
-                    f.write(json.dumps(r) + "\n")
+                r = log.add(run_one(case, seed, root))
             results.append(r)
             print(f"{case:15s} seed {seed}: exit {r['exit']}, {r['params']:,} / {r['target']:,} "
                   f"({'landed' if r['landed'] else 'MISSED'}), {r['epochs']}/{r['budget']} epochs, "

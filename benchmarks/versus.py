@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import statistics
 import time
@@ -51,6 +52,7 @@ from granular.io import load as load_saved
 from granular.spec import build_model
 
 from trained_start import MODELS, evaluate, train, train_dense
+from _common import ResultLog
 
 METHODS = ("granular", "granular-op-filter", "granular-filter", "torch-pruning", "magnitude", "scaled")
 GRANULARITIES = {"granular": "op,filter,weight", "granular-op-filter": "op,filter", "granular-filter": "filter"}
@@ -104,7 +106,7 @@ def run_granular(method, ctx) -> tuple[nn.Module, dict]:
                           "--weights", str(ctx["dense_path"]), "--target-params", str(ctx["target"]),
                           "--epochs", str(ctx["search_epochs"]), "--warmup-epochs", "0", "--seed", str(ctx["seed"]),
                           "--granularities", GRANULARITIES[method], "--single-stage", "--out", str(out),
-                          "--no-progress"])
+                          "--no-progress", *ctx["granular_args"]])
     used = len((out / "metrics.jsonl").read_text().splitlines())
     left = ctx["budget"] - used
     model_dir = out / "model"
@@ -185,6 +187,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--out", default="runs/versus")
+    ap.add_argument("--granular-args", default="", help="extra `granular search` options, one string "
+                    "(an ablation: --granular-args='--live-cap 0.5')")
     ap.add_argument("--resume", action="store_true", help="skip the runs already in OUT/results.jsonl")
     args = ap.parse_args()
     if args.search_epochs > args.budget:
@@ -196,15 +200,7 @@ def main() -> None:
             ap.error("the torch-pruning rows need Torch-Pruning: pip install torch-pruning==1.6.0 "
                      "(or leave it out of --methods)")
     root = Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / "results.jsonl"
-    done = {}
-    if args.resume and log.exists():
-        for line in log.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["method"], r["target_fraction"], r["seed"])] = r
-    elif log.exists():
-        log.unlink()
+    log = ResultLog(root, ("method", "target_fraction", "seed"), args.resume)
     spec = f"{MODELS}:{args.model}"
     print(f"# versus: {args.model} on {args.subset:,} Fashion-MNIST images, dense {args.dense_epochs} epochs, "
           f"budget {args.budget} extra epochs (granular: search at most {args.search_epochs}), fine-tune lr "
@@ -223,11 +219,12 @@ def main() -> None:
         for frac in args.targets:
             target = int(frac * info["params"])
             for method in args.methods:
-                r = done.get((method, frac, seed))
+                r = log.get(method, frac, seed)
                 if r is None:
                     ctx = {"spec": spec, "data": data, "dense": dense, "dense_path": path, "target": target,
                            "seed": seed, "subset": args.subset, "budget": args.budget, "lr": args.lr,
-                           "search_epochs": args.search_epochs, "dense_epochs": args.dense_epochs,
+                           "search_epochs": args.search_epochs, "granular_args": shlex.split(args.granular_args),
+                           "dense_epochs": args.dense_epochs,
                            "dir": root / f"seed{seed}-{frac:g}"}
                     t0 = time.time()
                     model, extra = RUNNERS[method](method, ctx)
@@ -235,8 +232,7 @@ def main() -> None:
                          "params": nonzero(model), "val_acc": evaluate(model, data),
                          "seconds": round(time.time() - t0, 1), **extra}
                     r["within"] = r["params"] <= target
-                    with log.open("a") as f:
-                        f.write(json.dumps(r) + "\n")
+                    log.add(r)
                 results.append(r)
                 print(f"{method:18s} {frac:>4.0%} seed {seed}: {r['params']:,} / {r['target']:,} nonzero"
                       f"{'' if r['within'] else ' (OVER THE TARGET)'}, val {r['val_acc']:.3f}, {r['seconds']:.0f} s",

@@ -150,6 +150,8 @@ class SearchConfig(GranularConfig):
         live_cap: between rounds the live thresholds may mask at most this many times the
             share of the count the next round removes, of each layer's filters and each sum's
             ops (:mod:`granular.driver.livecap`); 0 lets them mask without limit (the paper).
+            0.5 by default: at 1, a round that must remove 60-70% of a trained ResNet masked
+            that much of every layer live and training collapsed (``docs/benchmarks.md``).
         land: commit at most each round's quota (the units furthest below their thresholds
             first), and at the last round land on the target.
         land_within: a landing this close below the target (fraction) is good enough;
@@ -194,7 +196,7 @@ class SearchConfig(GranularConfig):
     lambda_init: Optional[float] = None
     lambda_rise: float = 0.05
     lambda_grow_max: float = 4.0
-    live_cap: float = 1.0
+    live_cap: float = 0.5
     land: bool = True
     land_within: float = 0.01
     land_attempts: int = 8

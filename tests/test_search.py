@@ -96,6 +96,22 @@ def test_a_round_commits_at_most_its_quota_furthest_below_first(digits):
     assert all(float(m.mask.sum()) >= 1 for m in s.bank.filter.values())
 
 
+def test_a_round_sets_aside_a_unit_that_alone_would_pass_its_quota(digits):
+    s = _searcher(digits, 6000, epochs=30)
+    count = lambda: granular.count_params(s.gm)  # noqa: E731
+    saved = s._masks()
+    before = count().nonzero
+    op = next(k for keys in s.struct.sums if len(keys) >= 2 for k in keys)
+    big = [(-1.0, "op", op, None)]
+    without_op = s._try(saved, big, count).nonzero
+    small = [(-0.5, "weight", next(iter(s.bank.weight)), i) for i in range(40)]
+    # the op first in line removes more than the quota allows; the weights after it fit
+    goal = before - (before - without_op) // 2
+    units, after = s._prefix(saved, big + small, goal, count, within=True)
+    s._restore(saved)
+    assert units == small and after.nonzero == before - 40 >= goal
+
+
 def test_the_last_round_lands_within_3_percent_below_the_target(digits):
     s = _searcher(digits, 6000, epochs=30, lambda_init=1e-3)
     s.init_thresholds()  # nothing below threshold: the deadline takes the units closest to theirs

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="thresholds start this fraction below the smallest gate of their scope (default 0.2)")
     s.add_argument("--live-cap", type=float, default=None,
                    help="between rounds, thresholds mask at most this many times the next round's share of "
-                        "each layer (default 1; 0: no cap)")
+                        "each layer (default 0.5; 0: no cap)")
     s.add_argument("--granularities", default=None, metavar="LIST",
                    help="which units the search may prune: a comma list of op, filter, weight (default all three)")
     s.add_argument("--gate-start", choices=("auto", "identity", "half"), default=None,

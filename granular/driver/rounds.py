@@ -5,7 +5,8 @@
    the last round (the deadline).
 2. **Decide** (:meth:`RoundMixin.decide_round`): the candidates are the units below their
    thresholds, furthest below first (their *supply* is what committing all of them would
-   remove). A round commits the longest prefix that stays within its quota. At the deadline it
+   remove). A round commits the longest prefix that stays within its quota (a unit that alone
+   would pass it is set aside and the units after it go on). At the deadline it
    lands on the goal instead: the shortest prefix that meets it, and when the units below
    threshold do not get there (or a big one overshoots it), the weights closest to their
    thresholds follow in that order (filters without weight masks; every unit only when
@@ -175,18 +176,25 @@ class RoundMixin:
     def _prefix(self, saved, order, goal, count, *, within: bool) -> tuple[list[Unit], ParamCount]:
         """A prefix of ``order`` by bisection: the longest whose count stays at or above
         ``goal`` (``within``: a round's quota is a ceiling), or the shortest that meets it (a
-        deadline). When that shortest prefix's last unit overshoots by more than
-        ``land_within`` of the goal (an op of thousands of parameters, say), the unit is set
-        aside and the bisection repeats over the others, a few times at most."""
+        deadline). A unit that alone would pass the quota (an op of thousands of parameters
+        first in line, say) is set aside and the bisection goes on over the units after it;
+        when a deadline's shortest prefix ends in a unit that overshoots by more than
+        ``land_within`` of the goal, that unit is set aside the same way. Both repeat
+        ``land_attempts`` times at most."""
         cfg = self.cfg
         if within:
-            lo, hi = 0, len(order)  # the answer k is in [lo, hi]
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if self._try(saved, order[:mid], count).nonzero >= goal:
-                    lo = mid
-                else:
-                    hi = mid - 1
+            lo = 0
+            for _ in range(cfg.land_attempts):
+                hi = len(order)  # the answer k is in [lo, hi]
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if self._try(saved, order[:mid], count).nonzero >= goal:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                if lo == len(order):
+                    break
+                order = order[:lo] + order[lo + 1:]  # set the unit that overshoots aside
             return order[:lo], self._try(saved, order[:lo], count)
         best_units, best = None, None
         for _ in range(cfg.land_attempts):
