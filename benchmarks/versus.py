@@ -6,8 +6,8 @@ the dense model's parameters) on the same budget of extra epochs:
 
 * ``granular``: ``granular search --weights`` (no warm-up, single-stage, at most
   ``--search-epochs``), then ``granular export --finetune`` for the epochs the search left;
-* ``granular-op-filter`` and ``granular-filter``: the same with fewer granularities
-  (``--granularities``), the ablation;
+* ``granular-op-filter``, ``granular-op-weight``, ``granular-filter`` and ``granular-op``:
+  the same with fewer granularities (``--granularities``), the ablation;
 * ``torch-pruning``: Torch-Pruning's ``MagnitudePruner`` (L2 channel magnitude, one ratio for
   every layer, the classifier kept) stepped until the count is at or under the target, then
   fine-tuned for the whole budget;
@@ -54,8 +54,9 @@ from granular.spec import build_model
 from trained_start import MODELS, evaluate, train, train_dense
 from _common import ResultLog
 
-METHODS = ("granular", "granular-op-filter", "granular-filter", "torch-pruning", "magnitude", "scaled")
-GRANULARITIES = {"granular": "op,filter,weight", "granular-op-filter": "op,filter", "granular-filter": "filter"}
+GRANULARITIES = {"granular": "op,filter,weight", "granular-op-filter": "op,filter", "granular-op-weight": "op,weight",
+                 "granular-filter": "filter", "granular-op": "op"}
+METHODS = (*GRANULARITIES, "torch-pruning", "magnitude", "scaled")
 
 
 def nonzero(model: nn.Module) -> int:
@@ -112,7 +113,7 @@ def run_granular(method, ctx) -> tuple[nn.Module, dict]:
     model_dir = out / "model"
     if left > 0:
         granular_main(["export", str(out), "--finetune", "--epochs", str(left), "--seed", str(ctx["seed"]),
-                       "--no-progress"])
+                       "--no-progress", *ctx["export_args"]])
         model_dir = out / "finetune" / "model"
     return load_saved(model_dir), {"search_exit": code, "search_epochs": used, "finetune_epochs": max(left, 0)}
 
@@ -158,7 +159,7 @@ def run_scaled(method, ctx) -> tuple[nn.Module, dict]:
     return model, {"width": round(lo, 4), "epochs": epochs}
 
 
-RUNNERS = {"granular": run_granular, "granular-op-filter": run_granular, "granular-filter": run_granular,
+RUNNERS = {**{m: run_granular for m in GRANULARITIES},
            "torch-pruning": run_torch_pruning, "magnitude": run_magnitude, "scaled": run_scaled}
 
 
@@ -189,6 +190,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/versus")
     ap.add_argument("--granular-args", default="", help="extra `granular search` options, one string "
                     "(an ablation: --granular-args='--live-cap 0.5')")
+    ap.add_argument("--export-args", default="", help="extra `granular export --finetune` options, one string "
+                    "(e.g. --export-args='--lr 0.002')")
     ap.add_argument("--resume", action="store_true", help="skip the runs already in OUT/results.jsonl")
     args = ap.parse_args()
     if args.search_epochs > args.budget:
@@ -203,8 +206,11 @@ def main() -> None:
     log = ResultLog(root, ("method", "target_fraction", "seed"), args.resume)
     spec = f"{MODELS}:{args.model}"
     print(f"# versus: {args.model} on {args.subset:,} Fashion-MNIST images, dense {args.dense_epochs} epochs, "
-          f"budget {args.budget} extra epochs (granular: search at most {args.search_epochs}), fine-tune lr "
-          f"{args.lr}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+          f"budget {args.budget} extra epochs (granular: search at most {args.search_epochs}, then export "
+          f"--finetune {args.export_args or 'at its default lr'}"
+          f"{', search options ' + args.granular_args if args.granular_args else ''}; "
+          f"peers fine-tune at lr {args.lr}); torch {torch.__version__}, {torch.get_num_threads()} threads",
+          flush=True)
     results, dense_acc = [], []
     for seed in args.seeds:
         data = load_data("fashion-mnist", batch_size=96, seed=seed, subset=args.subset)
@@ -224,6 +230,7 @@ def main() -> None:
                     ctx = {"spec": spec, "data": data, "dense": dense, "dense_path": path, "target": target,
                            "seed": seed, "subset": args.subset, "budget": args.budget, "lr": args.lr,
                            "search_epochs": args.search_epochs, "granular_args": shlex.split(args.granular_args),
+                           "export_args": shlex.split(args.export_args),
                            "dense_epochs": args.dense_epochs,
                            "dir": root / f"seed{seed}-{frac:g}"}
                     t0 = time.time()

@@ -30,6 +30,12 @@ _COMMANDS = {"search": "granular.cli.search", "inspect": "granular.cli.inspect",
 """command -> the module whose ``handle(args)`` carries it out (imported on use: ``--help`` stays fast)."""
 
 
+FINETUNE_DEFAULTS = {"epochs": 10, "lr": 0.005}
+"""What ``export --finetune`` changes in :class:`~granular.config.RetrainConfig`: a short,
+gentle run from the searched weights (their BatchNorms are folded into the convolutions, so
+a retrain's lr would undo the search)."""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="granular", description="Multi-granularity pruning with learned thresholds.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,14 +114,15 @@ def _parser() -> argparse.ArgumentParser:
                         "pt2: a torch.export program (model.pt2). Each is checked on a batch before it is written")
     e.add_argument("--finetune", action="store_true",
                    help="fine-tune the exported model from the searched weights before writing it")
-    _train_options(e, epochs_help="fine-tuning epochs (default 10, at --lr 0.005)")
+    _train_options(e, epochs_help=f"fine-tuning epochs (default {FINETUNE_DEFAULTS['epochs']})",
+                   lr_default=FINETUNE_DEFAULTS["lr"])
     r = sub.add_parser("retrain", help="train the discovered architecture from scratch and report its accuracy")
     r.add_argument("run_dir")
     r.add_argument("--arch", choices=("exact", "aligned"), default=None,
                    help="exact: the exported model (default); aligned: one width per cell (docs/method.md)")
     r.add_argument("--finetune", action="store_true", help="start from the searched weights, not from scratch")
     r.add_argument("--out", default=None, help="default RUN_DIR/retrain (RUN_DIR/retrain-aligned)")
-    _train_options(r, epochs_help="epochs (default 50)")
+    _train_options(r, epochs_help="epochs (default 50)", lr_default=0.025)  # RetrainConfig's defaults
     rp = sub.add_parser("report", help="tables and plots of what a search kept: retention per cell and "
                                        "granularity, thresholds and parameters over the epochs")
     rp.add_argument("run_dir")
@@ -123,11 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train_options(p: argparse.ArgumentParser, epochs_help: str) -> None:
+def _train_options(p: argparse.ArgumentParser, epochs_help: str, lr_default: float) -> None:
     """Options shared by ``retrain`` and ``export --finetune`` (:class:`granular.config.RetrainConfig`)."""
     p.add_argument("--epochs", type=int, default=None, help=epochs_help)
     p.add_argument("--batch-size", type=int, default=None, help="default 96")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate, cosine to 0 (default 0.025)")
+    p.add_argument("--lr", type=float, default=None, help=f"initial learning rate, cosine to 0 (default {lr_default})")
     p.add_argument("--weight-decay", type=float, default=None, help="default 3e-4")
     p.add_argument("--label-smoothing", type=float, default=None, help="default 0")
     p.add_argument("--aux-weight", type=float, default=None, help="auxiliary head loss weight (default 0: no head)")

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from granular.cli.rundir import CHECKPOINT, CONFIG, MODEL_DIR, load_searched
+from granular.cli import FINETUNE_DEFAULTS
 from granular.config import RetrainConfig
 from granular.errors import CheckpointError, GranularError
 from granular.files import write_json
@@ -35,7 +36,7 @@ def handle(args: argparse.Namespace, *, finetune_only: bool = False) -> int:
                                                "aux_weight", "drop_path", "seed")
                  if getattr(args, k, None) is not None}
     if finetune_only:   # a short, gentle run from the searched weights unless told otherwise
-        overrides = {"epochs": 10, "lr": 0.005} | overrides
+        overrides = FINETUNE_DEFAULTS | overrides
     cfg = RetrainConfig(finetune=bool(args.finetune) or finetune_only, augment=bool(args.augment), **overrides)
     default = ("finetune" if cfg.finetune and finetune_only else "retrain") + ("-aligned" if cfg.arch == "aligned" else "")
     out = Path(args.out) if args.out else run_dir / default
