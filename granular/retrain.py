@@ -12,7 +12,10 @@ function:
    where the search graph had them (:mod:`granular.passes.restore_norms`), and the weights the
    search pruned stay zero (a fixed mask re-applied after each step), so the dense and nonzero
    counts are the searched ones. ``finetune`` instead starts from the searched weights and
-   keeps the exported function as it is (no new norms).
+   keeps the exported function: the norms go back as the identity, are calibrated on a few
+   training batches (:func:`calibrate_norms`) so the model still computes what the search
+   exported, train as norms, and are folded back at the end
+   (:mod:`granular.passes.fold_norms`), so the saved model has the searched count.
 3. **Recipe.** SGD with momentum and a cosine schedule, weight decay, label smoothing, the
    data set's augmentation, and optionally an auxiliary head and drop-path on op branches
    (:mod:`granular.passes.retrain_graph`).
@@ -25,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,11 +44,15 @@ from granular.masks import gate_bank
 from granular.meta import LAYER, OP_UNIT
 from granular.metrics import accuracy_density, count_correct, topk_correct
 from granular.passes.find_units import sanitize
-from granular.passes.restore_norms import restore_norms
+from granular.passes.fold_norms import fold_norms
+from granular.passes.restore_norms import NORM_ROOT, restore_norms
 from granular.passes.retrain_graph import retrain_graph
 from granular.search_spaces import describe_op
 
-__all__ = ["aligned_", "build_retrain_model", "train_compact", "evaluate"]
+CALIBRATION_BATCHES = 8
+"""Training batches that :func:`calibrate_norms` averages a fine-tune's restored norms over."""
+
+__all__ = ["aligned_", "build_retrain_model", "calibrate_norms", "train_compact", "evaluate"]
 
 
 # ------------------------------------------------------------------ architecture
@@ -136,7 +144,49 @@ def build_retrain_model(gm: fx.GraphModule, cfg: RetrainConfig) -> tuple[fx.Grap
             for name, z in zeros.items():
                 compact.get_parameter(name).masked_fill_(z, 0.0)
         info["norms_restored"] = restore_norms(compact, gm)
+    else:
+        info["norms_restored"] = restore_norms(compact, gm, keep_function=True)
     return compact, info
+
+
+@torch.no_grad()
+def calibrate_norms(compact: nn.Module, batches) -> int:
+    """Give each norm that ``restore_norms(keep_function=True)`` put back the statistics of its
+    input over ``batches`` and the γ, β that undo them, so the model's eval output is what it
+    was (the norms start as the identity, so every norm sees the exported activations).
+    Returns how many norms were calibrated."""
+    root = getattr(compact, NORM_ROOT, None)
+    norms = [m for m in root.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if root else []
+    if not norms:
+        return 0
+    sums: dict[nn.Module, list] = {}
+
+    def hook(module, args):
+        x = args[0].detach().double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        s = sums.setdefault(module, [0, 0.0, 0.0])
+        s[0] += x.numel() // x.shape[1]
+        s[1] = s[1] + x.sum(dims)
+        s[2] = s[2] + (x * x).sum(dims)
+
+    handles = [m.register_forward_pre_hook(hook) for m in norms]
+    was = compact.training
+    compact.eval()
+    try:
+        for x in batches:
+            compact(x)
+    finally:
+        for h in handles:
+            h.remove()
+        compact.train(was)
+    for m, (n, s1, s2) in sums.items():
+        mean = s1 / max(n, 1)
+        var = (s2 / max(n, 1) - mean * mean).clamp_min(0)
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.weight.copy_((var + m.eps).sqrt())
+        m.bias.copy_(mean)
+    return len(sums)
 
 
 # ------------------------------------------------------------------ training
@@ -157,11 +207,16 @@ def train_compact(compact: fx.GraphModule, data, cfg: RetrainConfig, *, out_dir:
     pruned, so letting it move would take the model past the count the search landed on). With
     ``out_dir``, writes ``metrics.jsonl`` and an atomic ``checkpoint.pt`` every epoch, and
     ``resume`` continues from that checkpoint. ``on_epoch(row)`` is called after each epoch.
+    A fine-tune calibrates the norms :func:`build_retrain_model` restored before its first
+    epoch and folds them back after its last.
     """
     torch.manual_seed(cfg.seed)
     compact.to(device)
-    fixed = [(p, p != 0) for p in compact.parameters()
-             if (p.dim() > 1 or cfg.finetune) and bool((p == 0).any())]  # fresh norms start at bias 0
+    if cfg.finetune and not resume:
+        calibrate_norms(compact, (x.to(device) for x, _ in islice(data.train_loader(0), CALIBRATION_BATCHES)))
+    # fresh norms start at bias 0, and restored ones are not searched parameters: neither is held
+    fixed = [(p, p != 0) for name, p in compact.named_parameters()
+             if not name.startswith(NORM_ROOT + ".") and (p.dim() > 1 or cfg.finetune) and bool((p == 0).any())]
     net, drops = retrain_graph(compact, data.example_input().to(device), data.num_classes,
                                drop_path=cfg.drop_path > 0, aux_head=cfg.aux_weight > 0)
     net.to(device)
@@ -226,6 +281,8 @@ def train_compact(compact: fx.GraphModule, data, cfg: RetrainConfig, *, out_dir:
                         "epoch": epoch + 1, "history": history, "rng": torch.get_rng_state()}, ckpt_path)
         if on_epoch is not None:
             on_epoch(row)
+    if cfg.finetune:
+        fold_norms(compact)   # the shipped model: norms folded back, the searched count
     final = evaluate(compact, data.val_loader(), device)
     dense = sum(p.numel() for p in compact.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in compact.parameters())

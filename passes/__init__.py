@@ -8,6 +8,7 @@
     fuse_kernels (passes/fuse_kernels.py)  transform: gated convs -> fused Triton op (CUDA only)
     export       (passes/export.py)        transform: gated graph -> compact plain GraphModule
     restore_norms (passes/restore_norms.py) transform: fresh BatchNorms where export folded them
+    fold_norms   (passes/fold_norms.py)    transform: those norms folded back (after fine-tuning)
     retrain_graph (passes/retrain_graph.py) transform: drop-path and an auxiliary head (retraining)
 
 ``trace`` runs ``decompose_norm_act`` (passes/decompose.py) on timm's fused norm+act leaves.
@@ -22,6 +23,7 @@ channels and finds constant ones. Both are shared by find_units and export.
 
 from granular.passes.export import Export, export_graph, plan_export
 from granular.passes.find_units import FindUnits, find_units
+from granular.passes.fold_norms import FoldNorms, fold_norms
 from granular.passes.fuse_kernels import FuseKernels, fuse_kernels
 from granular.passes.insert_gates import InsertGates, insert_gates
 from granular.passes.pipelines import gate_pipeline, training_graph
@@ -32,4 +34,4 @@ from granular.passes.trace import register_leaf_function, register_leaf_module, 
 
 __all__ = ["trace", "register_leaf_module", "register_leaf_function", "FindUnits", "find_units",
            "InsertGates", "insert_gates", "FuseKernels", "fuse_kernels", "SplitStages", "split_stages", "Export", "export_graph", "plan_export",
-           "RestoreNorms", "restore_norms", "RetrainGraph", "retrain_graph", "gate_pipeline", "training_graph"]
+           "RestoreNorms", "restore_norms", "FoldNorms", "fold_norms", "RetrainGraph", "retrain_graph", "gate_pipeline", "training_graph"]

@@ -6,7 +6,14 @@ meta from ``find_units``). Produces: ``compact`` with a new ``BatchNorm`` (submo
 layer's folded bias is dropped (redundant before a norm).
 
 Why: a folded norm is a fixed affine map, not a norm. Training an exported architecture from
-scratch needs the norms back.
+scratch needs the norms back, and so does fine-tuning it at a normal learning rate.
+
+``keep_function=True`` (fine-tuning): the layer keeps its bias and the new norm starts as the
+identity (mean 0, variance ``1 - eps``, γ = 1, β = 0), so the model computes what it did;
+:func:`granular.retrain.calibrate_norms` then gives each norm the statistics of its input
+with γ and β that undo them, and :mod:`granular.passes.fold_norms` folds the norms back
+after training. A layer with an exact-zero bias entry (a pruned, counted parameter) is left
+without a norm: folding would make that entry nonzero.
 
 Before/after, one layer whose norm ``bn1`` was folded::
 
@@ -45,9 +52,10 @@ class RestoreNorms(PassBase):
     """Transform (in place): a fresh BatchNorm after each layer of the compact model whose
     norm export folded (see the module docstring). ``count`` says how many after a run."""
 
-    def __init__(self, gated: fx.GraphModule):
+    def __init__(self, gated: fx.GraphModule, keep_function: bool = False):
         super().__init__()
         self.gated = gated
+        self.keep_function = keep_function
         self.count = 0
 
     def call(self, compact: fx.GraphModule) -> PassResult:
@@ -60,10 +68,17 @@ class RestoreNorms(PassBase):
             path, old = norms[str(n.target)]
             layer = compact.get_submodule(str(n.target))
             width = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
-            if getattr(layer, "bias", None) is not None:   # export's folded shift; redundant before a norm
+            bias = getattr(layer, "bias", None)
+            if self.keep_function:
+                if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or not old.affine \
+                        or (bias is not None and bool((bias == 0).any())):
+                    continue   # fold_norms scales output rows; a zero bias entry must stay zero
+            elif bias is not None:   # export's folded shift; redundant before a norm
                 layer.register_parameter("bias", None)
             bn = type(old)(width, eps=old.eps, momentum=old.momentum, affine=old.affine,
                            track_running_stats=old.track_running_stats)
+            if self.keep_function:   # the identity until calibrate_norms sets its statistics
+                bn.running_var.fill_(1.0 - bn.eps)
             if not hasattr(compact, NORM_ROOT):
                 compact.add_module(NORM_ROOT, nn.Module())
             compact.get_submodule(NORM_ROOT).add_module(path.replace(".", "_"), bn)
@@ -74,9 +89,9 @@ class RestoreNorms(PassBase):
         return PassResult(compact, self.count > 0)
 
 
-def restore_norms(compact: fx.GraphModule, gm: fx.GraphModule) -> int:
+def restore_norms(compact: fx.GraphModule, gm: fx.GraphModule, keep_function: bool = False) -> int:
     """Run :class:`RestoreNorms` on ``compact`` (in place) against the gated graph ``gm``;
     returns how many norms were restored."""
-    p = RestoreNorms(gm)
+    p = RestoreNorms(gm, keep_function)
     run_passes(compact, [p])
     return p.count

@@ -52,7 +52,7 @@ def handle(args: argparse.Namespace, *, finetune_only: bool = False) -> int:
     console = Console(stderr=True)
     compact, info = build_retrain_model(gm, cfg)
     console.print(f"[bold]{'fine-tuning' if cfg.finetune else 'retraining'}[/] the {cfg.arch} architecture of "
-                  f"{run_dir}: {sum(p.numel() for p in compact.parameters()):,} parameters, {cfg.epochs} epochs "
+                  f"{run_dir}: {info['searched_params'] if cfg.finetune else sum(p.numel() for p in compact.parameters()):,} parameters, {cfg.epochs} epochs "
                   f"on {run_cfg['dataset']}; writing {out}", highlight=False)
 
     def show(row: dict) -> None:
