@@ -19,10 +19,10 @@ the dense model's parameters) on the same budget of extra epochs:
 Every count is the nonzero parameters of the final plain module, by one counter for all
 (:func:`nonzero`), and every method must end at or under its target. The peers fine-tune with
 one recipe (SGD, momentum 0.9, cosine from ``--lr``); granular with its own ``export
---finetune`` defaults (the same SGD from lr 0.005): its compact model has its BatchNorms folded
-into the convolutions, and at the peers' 0.01 one epoch took a ResNet-8 at 30% from 83.4% to
-78.3% (0.005: 83.7%, 0.002: 83.8%, 0.001: 83.7%). It prints one line per run and a table: mean ± std of test accuracy
-(the official 10,000 test images) and the nonzero count, per method and target.
+--finetune`` defaults (the same SGD from lr 0.005, its BatchNorms back for the fine-tune; at
+the peers' 0.01 one seed scored 0.2-0.3 points lower). It prints one line per run and a
+table: mean ± std of test accuracy (the official 10,000 test images) and the nonzero count,
+per method and target.
 
     pip install torch-pruning==1.6.0            # optional, for the torch-pruning rows
     python benchmarks/versus.py                 # resnet8, 10,000 images, targets 30% and 10%, seeds 0-2
