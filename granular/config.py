@@ -173,8 +173,10 @@ class SearchConfig(GranularConfig):
         regrow: r, the fraction of the ops pruned in a stage that regrowth brings back after
             each stage from the second on (0 disables regrowth).
         aux_fraction: the size of an auxiliary head as a fraction of its stage.
-        kernels: the fused Triton conv (``fuse_kernels``): ``"auto"`` (on a CUDA device with
-            triton), ``"on"`` (stop if it cannot run) or ``"off"`` (eager gated graph).
+        kernels: the fused Triton conv (``fuse_kernels``): ``"on"`` (stop if it cannot run),
+            ``"off"`` (eager gated graph) or ``"auto"``, which keeps the eager graph until the
+            kernels have passed their tests and benchmark on a GPU (they are tested under
+            triton's interpreter only).
     """
 
     target_params: int = 0

@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--regrow", type=float, default=None,
                    help="fraction of a stage's pruned ops regrown after it (default 0.2; 0 disables)")
     s.add_argument("--kernels", choices=("auto", "on", "off"), default=None,
-                   help="fused Triton conv kernels: auto (default: on CUDA with triton), on, off")
+                   help="fused Triton conv kernels: on, off, auto (default: the eager graph until the kernels "
+                        "are tested on a GPU; they are tested under triton's interpreter only)")
     s.add_argument("--augment", action="store_true", help="Cutout + AutoAugment (CIFAR) or flips (imagefolder)")
     s.add_argument("--out", default=None, help="run directory (default runs/<spec>)")
     s.add_argument("--resume", action="store_true", help="continue the search in --out from its checkpoint")
