@@ -5,7 +5,8 @@ classification model, this runs :func:`granular.testing.check_export`: random ma
 three granularities, then (1) the compact output equals the gated output in eval mode to
 1e-4 relative, (2) ``count_params`` equals the export, (3) the export is smaller than the
 original, and (4) the export saved with ``granular.save`` loads back from its own source,
-without the original class, and computes the same. Every model is checked with three mask
+without the original class, and computes the same; its compact model is also written as ONNX and as
+a ``torch.export`` program (``--formats``), run back, and compared. Every model is checked with three mask
 seeds and two head sizes (1000 and 10 classes); it passes only if all six checks pass (one
 seed with one head let a wrong export through: VOLO's, issue 16). It prints the pass fraction
 per zoo, a per-model table and each failure's reason.
@@ -58,6 +59,7 @@ class Row:
     filters: int = 0
     seconds: float = 0.0
     kept_whole: str = ""
+    formats: dict = None   # format -> "" (runs back equal) or why not; checked on the first check only
     checks: str = ""     # passed/run, over mask seeds x head sizes
 
 
@@ -118,12 +120,14 @@ def _time_limit(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
-def run_one(spec: str, family: str, timeout: int, auto_leaf: bool, seeds=SEEDS, classes=CLASSES) -> Row:
+def run_one(spec: str, family: str, timeout: int, auto_leaf: bool, seeds=SEEDS, classes=CLASSES,
+            formats=()) -> Row:
     """Check ``spec`` with every mask seed and head size (``timeout`` seconds per check). The
     row's sizes are those of the last head size and first seed (10 classes by default); its
-    error is the largest; its reason is the first failure's, naming the head and seed."""
+    error is the largest; its reason is the first failure's, naming the head and seed. The
+    deployment ``formats`` are written and run back on the first check (head, seed) only."""
     t0 = time.perf_counter()
-    row = Row(spec, family, True, "")
+    row = Row(spec, family, True, "", formats={})
     passed = run = 0
     errors = []
     for n_classes, seed in [(c, s) for c in classes for s in seeds]:
@@ -134,7 +138,8 @@ def run_one(spec: str, family: str, timeout: int, auto_leaf: bool, seeds=SEEDS, 
             with _time_limit(timeout):
                 model = build_zoo_model(spec, num_classes=n_classes)
                 x = default_input(spec, model)
-                res = check_export(model, x, auto_leaf=auto_leaf, reload=True, seed=seed)
+                res = check_export(model, x, auto_leaf=auto_leaf, reload=True, seed=seed,
+                                   formats=formats if run == 1 else ())
         except Exception as err:  # noqa: BLE001 - building or a timeout: report and go on
             first = (str(err).strip().splitlines() or [""])[0][:300]
             reason = f"{type(err).__name__}: {first}"
@@ -147,6 +152,7 @@ def run_one(spec: str, family: str, timeout: int, auto_leaf: bool, seeds=SEEDS, 
                 row.original, row.exported = res.original, res.exported.total if res.exported else 0
                 row.op_units, row.filters = res.units.get("op", 0), res.units.get("filter", 0)
                 row.kept_whole = ", ".join(sorted(set(res.auto_leaves)))
+            row.formats.update(res.formats)
         if res is not None and res.ok:
             passed += 1
         elif row.ok:
@@ -159,6 +165,12 @@ def run_one(spec: str, family: str, timeout: int, auto_leaf: bool, seeds=SEEDS, 
     return row
 
 
+def _fmt(row: Row, fmt: str) -> str:
+    if not row.formats or fmt not in row.formats:
+        return "-"
+    return "yes" if not row.formats[fmt] else "no: " + row.formats[fmt].replace("|", "/")
+
+
 def to_markdown(rows: list[Row], summary: list[str], command: str, seeds=SEEDS, classes=CLASSES) -> str:
     lines = ["# Coverage across the model zoos", "",
              "Produced by `" + command + "` (random weights, random masks at all three granularities",
@@ -167,14 +179,17 @@ def to_markdown(rows: list[Row], summary: list[str], command: str, seeds=SEEDS, 
              "output equals the gated output in eval mode to 1e-4 relative, `count_params` equals the",
              "export, the export is smaller than the original, and the saved export reloads (without",
              "the original class) and computes the same. `checks` counts the passing (seed, head) pairs;",
-             "the error is the largest over them; sizes are those of the last head with the first seed.", ""]
+             "the error is the largest over them; sizes are those of the last head with the first seed.",
+             "`onnx` and `pt2`: the compact model of the first check written with `granular.save(format=...)`,",
+             "run back (onnxruntime; `torch.export.load`) and equal to it to 1e-4 relative (`-`: not run).", ""]
     lines += [f"- {s}" for s in summary] + [""]
-    lines += ["| model | family | pass | checks | rel. error | params | exported | op units | filters | kept whole | reason |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | family | pass | checks | rel. error | params | exported | op units | filters | kept whole | "
+              "onnx | pt2 | reason |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r.spec}` | {r.family} | {'yes' if r.ok else 'no'} | {r.checks} | {r.rel_err:.1e} | "
                      f"{r.original:,} | {r.exported:,} | {r.op_units} | {r.filters:,} | {r.kept_whole} | "
-                     f"{r.reason.replace('|', '/')} |")
+                     f"{_fmt(r, 'onnx')} | {_fmt(r, 'pt2')} | {r.reason.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -186,6 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="mask seeds (default: 0 1 2)")
     p.add_argument("--classes", type=int, nargs="+", default=list(CLASSES),
                    help="head sizes (default: 1000 10)")
+    p.add_argument("--formats", nargs="*", default=["onnx", "pt2"], choices=("onnx", "pt2"),
+                   help="deployment formats to write and run back on each model's first check (default: "
+                        "onnx pt2; onnx needs granular[onnx]; none: --formats)")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--strict", action="store_true",
                    help="no auto-leaf: a model whose submodule does not trace fails (default: keep it whole, "
@@ -208,9 +226,10 @@ def main(argv=None) -> int:
     rows = []
     for i, (spec, family) in enumerate(todo, 1):
         row = run_one(spec, family, args.timeout, auto_leaf=not args.strict, seeds=tuple(args.seeds),
-                      classes=tuple(args.classes))
+                      classes=tuple(args.classes), formats=tuple(args.formats))
         rows.append(row)
         status = f"[green]pass[/] {row.checks}" if row.ok else f"[red]FAIL[/] {row.checks} {row.reason}"
+        status += "".join(f", {f} {_fmt(row, f)}" for f in args.formats)
         console.print(f"[{i}/{len(todo)}] {spec} ({row.seconds:.1f} s): {status}", highlight=False)
 
     table = Table(title="per model")
@@ -231,6 +250,11 @@ def main(argv=None) -> int:
         summary.append(f"{zoo}: {passed}/{len(zr)} {what} pass = {passed / len(zr):.1%} "
                        f"(goal {goal:.0%}: {'met' if passed / len(zr) >= goal else 'not met'})")
         leafed = [r for r in zr if r.kept_whole or "kept whole" in r.reason]
+        ok = [r for r in zr if r.ok]
+        for fmt in args.formats:
+            bad = [r for r in ok if r.formats.get(fmt)]
+            summary.append(f"{zoo}: {fmt}: {len(ok) - len(bad)}/{len(ok)} of the passing models export and run back "
+                           f"equal" + (f"; failing: {', '.join(r.spec for r in bad)}" if bad else ""))
         summary.append(f"{zoo}: {sum(r.op_units > 0 for r in zr)}/{len(zr)} have operation units; "
                        f"{len(leafed)} needed a module kept whole (auto-leaf), {sum(r.ok for r in leafed)} of them pass")
     for s in summary:

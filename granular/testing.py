@@ -101,6 +101,8 @@ class ExportCheck:
         original: the dense parameter count of the model before gating.
         units: the gated units per granularity (``op``, ``filter``, ``weight``).
         auto_leaves: module classes kept whole because they did not trace (``auto_leaf``).
+        formats: deployment format -> "" when its export ran back equal to the compact model,
+            else the reason (``formats``; not part of ``ok``).
     """
 
     ok: bool
@@ -111,17 +113,20 @@ class ExportCheck:
     original: int = 0
     units: dict[str, int] = field(default_factory=dict)
     auto_leaves: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
 
 
 @torch.no_grad()
 def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float = 1e-4,
                  leaf_modules=(), auto_leaf: bool = False, reload: bool = False, op: float = 0.3,
-                 filter: float = 0.3, weight: float = 0.3) -> ExportCheck:
+                 filter: float = 0.3, weight: float = 0.3, formats=()) -> ExportCheck:
     """Prepare ``model``, prune random units at all three granularities, export, and check:
     the compact output equals the gated one (eval mode, ``rtol`` relative to the output's
     largest magnitude), ``count_params`` equals the export, and the export is smaller. With
     ``reload``, the export is also saved with :func:`granular.save` and loaded back (from its
-    own ``model.py``, without the original class) and must compute the same.
+    own ``model.py``, without the original class) and must compute the same. Each of
+    ``formats`` (``"onnx"``, ``"pt2"``) is written with ``granular.save(format=...)``, which
+    runs it back and compares (:mod:`granular.formats`); the outcome is in ``formats``.
 
     The model is deep-copied and its norms get random statistics (so folding is exercised);
     the caller's model is not changed. Errors are caught and reported in ``reason``.
@@ -168,7 +173,23 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
         reasons.append(f"export is not smaller ({exported.total:,} >= {original:,} parameters)")
     if reload:
         reasons.extend(_reload_problems(compact, example_inputs, got))
-    return ExportCheck(not reasons, "; ".join(reasons), rel, counted, exported, original, units, leaves)
+    fmts = {f: _format_problem(compact, example_inputs, f, rtol) for f in formats}
+    return ExportCheck(not reasons, "; ".join(reasons), rel, counted, exported, original, units, leaves, fmts)
+
+
+def _format_problem(compact, example_inputs, fmt: str, rtol: float) -> str:
+    """Save ``compact`` as ``fmt`` (which runs the file back and compares): "" or why not."""
+    import pathlib
+    import tempfile
+
+    from granular.formats import save_format
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            save_format(compact, pathlib.Path(d), fmt, example_inputs, rtol)
+        except Exception as err:  # noqa: BLE001
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            return f"{type(err).__name__}: {first}"
+    return ""
 
 
 def _reload_problems(compact, example_inputs, expected: list[torch.Tensor]) -> list[str]:

@@ -85,3 +85,14 @@ def test_the_compact_model_runs_under_inductor(compact):
     torch._dynamo.reset()
     compiled = torch.compile(model)  # inductor: C++ on CPU (about a minute here), Triton on a GPU
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_check_export_reports_each_format_apart_from_exactness(monkeypatch):
+    from granular import formats
+
+    x = torch.randn(2, 1, 8, 8)
+    res = granular.testing.check_export(user_model("resnet_like"), x, formats=("pt2",))
+    assert res.ok and res.formats == {"pt2": ""}
+    monkeypatch.setattr(formats, "_run_pt2", lambda path, inputs: [torch.zeros(2, 10)])
+    res = granular.testing.check_export(user_model("resnet_like"), x, formats=("pt2",))
+    assert res.ok and "does not compute what the compact model does" in res.formats["pt2"]
