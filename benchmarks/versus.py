@@ -100,6 +100,10 @@ def scaled_model(spec: str, width: float) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- the methods
+class Unreachable(Exception):
+    """A method that cannot bring the model to the target (its row says so instead of a score)."""
+
+
 def run_granular(method, ctx) -> tuple[nn.Module, dict]:
     out = ctx["dir"] / method
     shutil.rmtree(out, ignore_errors=True)
@@ -108,6 +112,8 @@ def run_granular(method, ctx) -> tuple[nn.Module, dict]:
                           "--epochs", str(ctx["search_epochs"]), "--warmup-epochs", "0", "--seed", str(ctx["seed"]),
                           "--granularities", GRANULARITIES[method], "--single-stage", "--out", str(out),
                           "--no-progress", *ctx["granular_args"]])
+    if not (out / "model").is_dir():   # refused (a target below what these granularities reach) or failed
+        raise Unreachable(f"granular search exited {code} without a model")
     used = len((out / "metrics.jsonl").read_text().splitlines())
     left = ctx["budget"] - used
     model_dir = out / "model"
@@ -234,13 +240,21 @@ def main() -> None:
                            "dense_epochs": args.dense_epochs,
                            "dir": root / f"seed{seed}-{frac:g}"}
                     t0 = time.time()
-                    model, extra = RUNNERS[method](method, ctx)
-                    r = {"method": method, "target_fraction": frac, "seed": seed, "target": target,
-                         "params": nonzero(model), "val_acc": evaluate(model, data),
-                         "seconds": round(time.time() - t0, 1), **extra}
-                    r["within"] = r["params"] <= target
-                    log.add(r)
+                    try:
+                        model, extra = RUNNERS[method](method, ctx)
+                    except Unreachable as err:
+                        r = log.add({"method": method, "target_fraction": frac, "seed": seed, "target": target,
+                                     "unreachable": str(err)})
+                    else:
+                        r = {"method": method, "target_fraction": frac, "seed": seed, "target": target,
+                             "params": nonzero(model), "val_acc": evaluate(model, data),
+                             "seconds": round(time.time() - t0, 1), **extra}
+                        r["within"] = r["params"] <= target
+                        log.add(r)
                 results.append(r)
+                if "unreachable" in r:
+                    print(f"{method:18s} {frac:>4.0%} seed {seed}: cannot reach {target:,} ({r['unreachable']})")
+                    continue
                 print(f"{method:18s} {frac:>4.0%} seed {seed}: {r['params']:,} / {r['target']:,} nonzero"
                       f"{'' if r['within'] else ' (OVER THE TARGET)'}, val {r['val_acc']:.3f}, {r['seconds']:.0f} s",
                       flush=True)
@@ -252,6 +266,9 @@ def main() -> None:
         cells = []
         for frac in args.targets:
             rs = [r for r in results if r["method"] == method and r["target_fraction"] == frac]
+            if any("unreachable" in r for r in rs):
+                cells.append(f"cannot reach the target | {rs[0]['target']:,}")
+                continue
             acc = [r["val_acc"] for r in rs]
             s = statistics.stdev(acc) if len(acc) > 1 else 0.0
             over = sum(not r["within"] for r in rs)
