@@ -125,8 +125,9 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
     largest magnitude), ``count_params`` equals the export, and the export is smaller. With
     ``reload``, the export is also saved with :func:`granular.save` and loaded back (from its
     own ``model.py``, without the original class) and must compute the same. Each of
-    ``formats`` (``"onnx"``, ``"pt2"``) is written with ``granular.save(format=...)``, which
-    runs it back and compares (:mod:`granular.formats`); the outcome is in ``formats``.
+    ``formats`` (``"onnx"``, ``"pt2"``) is written as ``granular.save(format=...)`` writes it
+    (:func:`granular.formats.save_format`, which runs the file back and compares at
+    ``rtol``); the outcome is in ``formats``.
 
     The model is deep-copied and its norms get random statistics (so folding is exercised);
     the caller's model is not changed. Errors are caught and reported in ``reason``.

@@ -253,7 +253,8 @@ def _chain(n: fx.Node, kinds, alive, allow_bn: bool) -> list[fx.Node]:
     return chain
 
 
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BatchNorm as ``scale * x + shift`` per channel (what folding absorbs)."""
     s = torch.rsqrt(bn.running_var + bn.eps)
     if bn.affine:
         s = s * bn.weight.detach()
@@ -276,7 +277,7 @@ def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules) ->
     bias = m.bias.detach().clone() if has_bias else torch.zeros(c_out)
     for c in chain:
         if kinds[c] == Kind.BN:
-            bs, bb = _bn_affine(module_of(gm, c, modules))
+            bs, bb = bn_affine(module_of(gm, c, modules))
             s, b = s * bs, b * bs + bb
             has_bias = True
         else:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.passes._manager import run_passes
+from granular.passes.export import bn_affine
 from granular.passes.restore_norms import NORM_ROOT
 
 __all__ = ["FoldNorms", "fold_norms"]
@@ -47,12 +48,7 @@ class FoldNorms(PassBase):
             layer_node = n.args[0]
             layer = gm.get_submodule(str(layer_node.target))
             bn = gm.get_submodule(str(n.target))
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.affine:
-                scale = scale * bn.weight.detach()
-            shift = -bn.running_mean * scale
-            if bn.affine:
-                shift = shift + bn.bias.detach()
+            scale, shift = bn_affine(bn)
             with torch.no_grad():
                 w = layer.weight
                 layer.weight.copy_(w * scale.reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype))

@@ -32,8 +32,7 @@ _COMMANDS = {"search": "granular.cli.search", "inspect": "granular.cli.inspect",
 
 FINETUNE_DEFAULTS = {"epochs": 10, "lr": 0.005}
 """What ``export --finetune`` changes in :class:`~granular.config.RetrainConfig`: a short,
-gentle run from the searched weights (their BatchNorms are folded into the convolutions, so
-a retrain's lr would undo the search)."""
+gentle run from the searched weights (a retrain's lr 0.025 would undo the search)."""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from granular.cli.rundir import CHECKPOINT, CONFIG, MODEL_DIR, load_searched
 from granular.cli import FINETUNE_DEFAULTS
+from granular.cli.rundir import CHECKPOINT, CONFIG, MODEL_DIR, load_searched
 from granular.config import RetrainConfig
 from granular.errors import CheckpointError, GranularError
 from granular.files import write_json
@@ -51,8 +51,10 @@ def handle(args: argparse.Namespace, *, finetune_only: bool = False) -> int:
     write_json(out / CONFIG, cfg.to_dict())
     console = Console(stderr=True)
     compact, info = build_retrain_model(gm, cfg)
+    # a fine-tune's restored norms are folded back at the end: it ships the searched count
+    size = info["searched_params"] if cfg.finetune else sum(p.numel() for p in compact.parameters())
     console.print(f"[bold]{'fine-tuning' if cfg.finetune else 'retraining'}[/] the {cfg.arch} architecture of "
-                  f"{run_dir}: {info['searched_params'] if cfg.finetune else sum(p.numel() for p in compact.parameters()):,} parameters, {cfg.epochs} epochs "
+                  f"{run_dir}: {size:,} parameters, {cfg.epochs} epochs "
                   f"on {run_cfg['dataset']}; writing {out}", highlight=False)
 
     def show(row: dict) -> None:
