@@ -50,6 +50,22 @@ def share_graph(gm: fx.GraphModule, graph: fx.Graph, extra: dict[str, nn.Module]
     return out
 
 
+def _writes_input(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether ``n`` overwrites its first input in place (``ReLU(inplace=True)``, ``relu_``,
+    ``x.add_(y)``, ``F.relu(x, inplace=True)``)."""
+    if n.kwargs.get("inplace") is True:
+        return True
+    if n.op == "call_module":
+        return getattr(gm.get_submodule(str(n.target)), "inplace", False) is True
+    if n.op == "call_method":
+        return str(n.target).endswith("_") and not str(n.target).endswith("__")
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        return name.endswith("_") and not name.endswith("__") or name.startswith("i") and name[1:] in (
+            "add", "sub", "mul", "truediv")
+    return False
+
+
 def _dead_gate(gm: fx.GraphModule, n: fx.Node) -> bool:
     g = n.meta.get(GATE)
     if g is None or g.kind != "op" or n.op != "call_module" or not str(n.target).startswith(GATE_ROOT):
@@ -77,6 +93,12 @@ class SkipPrunedOps(PassBase):
             elif za or zb:
                 keep = b if za else a
                 if isinstance(keep, fx.Node) and tensor_shape(keep) == tensor_shape(n):
+                    if any(_writes_input(gm, u) for u in n.users) and len(keep.users) > 1:
+                        # the sum was a fresh tensor that an in-place reader (timm's ReLU(inplace))
+                        # could overwrite; ``keep`` has other readers, which may have saved it
+                        with graph.inserting_before(n):
+                            keep = graph.call_method("clone", (keep,))
+                            keep.meta.update(n.meta)
                     n.replace_all_uses_with(keep)
                     graph.erase_node(n)
         result = share_graph(gm, graph, class_name="LiveGraph")

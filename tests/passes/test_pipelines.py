@@ -53,3 +53,41 @@ def test_a_failing_pass_raises_its_own_error():
 def test_the_shared_check_lints_after_each_pass():
     with pytest.raises(RuntimeError, match="used before it has been defined|before"):
         run_passes(fx.symbolic_trace(_Net()), [_Breaks()])
+
+
+class _InplaceResidual(torch.nn.Module):
+    """timm's block shape: ``act(branch + x)`` with an in-place ReLU, and ``x`` read again."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.act0 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True)
+        self.a, self.bn, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.act0(self.stem(x))
+        y = self.act(self.bn(self.a(x)) + x)
+        return self.head((y + self.b(x)).mean((2, 3)))
+
+
+def test_a_pruned_branch_before_an_inplace_activation_trains_like_the_gated_graph():
+    """Dropping the pruned branch leaves ``act_(x)``: without a copy the in-place ReLU would
+    overwrite the ``x`` that ``b`` saved for backward (autograd refuses), so the training graph
+    must give the gated graph's gradients."""
+    import torch.nn.functional as F
+    import granular
+    from granular.passes.pipelines import training_graph
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    gm = granular.prepare(_InplaceResidual(), x)
+    gm.granular_gates.op["bn"].mask.zero_()   # the residual branch a -> bn is pruned
+    grads = []
+    for net in (gm, training_graph(gm)):
+        gm.zero_grad(set_to_none=True)
+        net.train()
+        F.cross_entropy(net(x), y).backward()
+        grads.append({k: p.grad.clone() for k, p in gm.named_parameters() if p.grad is not None and k.startswith("b.")})
+    assert grads[1].keys() == grads[0].keys() == {"b.weight", "b.bias"}
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k])
