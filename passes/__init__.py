@@ -6,6 +6,7 @@
     split_stages (passes/split_stages.py)  transform: gated graph -> resolution stages (multi-stage)
     skip_pruned_ops (passes/skip_pruned_ops.py)  transform: the live training graph (pruned ops dropped)
     fuse_kernels (passes/fuse_kernels.py)  transform: gated convs -> fused Triton op (CUDA only)
+    fold_gates   (passes/fold_gates.py)    transform: gates after a BatchNorm -> its affine (training graph)
     export       (passes/export.py)        transform: gated graph -> compact plain GraphModule
     restore_norms (passes/restore_norms.py) transform: fresh BatchNorms where export folded them
     fold_norms   (passes/fold_norms.py)    transform: those norms folded back (after fine-tuning)
@@ -15,7 +16,7 @@
 
 Passes run through a ``PassManager`` with one shared check after each (``_manager.py``); the
 pipelines the library runs, ``gate_pipeline`` (find_units -> insert_gates) and
-``training_graph`` (skip_pruned_ops -> [stage_graph] -> fuse_kernels), are in ``pipelines.py``.
+``training_graph`` (skip_pruned_ops -> [stage_graph] -> fuse_kernels -> fold_gates), are in ``pipelines.py``.
 
 ``_graph.py`` classifies nodes by what they do to channels; ``_channels.py`` groups coupled
 channels and finds constant ones. Both are shared by find_units and export.
@@ -23,6 +24,7 @@ channels and finds constant ones. Both are shared by find_units and export.
 
 from granular.passes.export import Export, export_graph, plan_export
 from granular.passes.find_units import FindUnits, find_units
+from granular.passes.fold_gates import FoldGates, fold_gates
 from granular.passes.fold_norms import FoldNorms, fold_norms
 from granular.passes.fuse_kernels import FuseKernels, fuse_kernels
 from granular.passes.insert_gates import InsertGates, insert_gates
@@ -33,5 +35,5 @@ from granular.passes.split_stages import SplitStages, split_stages
 from granular.passes.trace import register_leaf_function, register_leaf_module, trace
 
 __all__ = ["trace", "register_leaf_module", "register_leaf_function", "FindUnits", "find_units",
-           "InsertGates", "insert_gates", "FuseKernels", "fuse_kernels", "SplitStages", "split_stages", "Export", "export_graph", "plan_export",
+           "InsertGates", "insert_gates", "FuseKernels", "fuse_kernels", "FoldGates", "fold_gates", "SplitStages", "split_stages", "Export", "export_graph", "plan_export",
            "RestoreNorms", "restore_norms", "FoldNorms", "fold_norms", "RetrainGraph", "retrain_graph", "gate_pipeline", "training_graph"]

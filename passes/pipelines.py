@@ -1,7 +1,7 @@
 """The pass pipelines the library runs, each a ``PassManager`` run (:mod:`._manager`).
 
     prepare:         find_units -> insert_gates                       (after trace)
-    training graph:  skip_pruned_ops -> [stage_graph] -> fuse_kernels  (what a search trains)
+    training graph:  skip_pruned_ops -> [stage_graph] -> fuse_kernels -> fold_gates  (what a search trains)
 
 The training graph is rebuilt whenever op masks change; it shares every module and parameter
 with the gated graph, so training it trains the gated graph.
@@ -17,6 +17,7 @@ from torch import nn
 from granular.config import GateConfig
 from granular.passes._manager import run_passes
 from granular.passes.find_units import FindUnits
+from granular.passes.fold_gates import FoldGates
 from granular.passes.fuse_kernels import FuseKernels
 from granular.passes.insert_gates import InsertGates
 from granular.passes.skip_pruned_ops import SkipPrunedOps
@@ -41,9 +42,11 @@ def training_graph(gm: fx.GraphModule, *, kernels: str = "auto", stage: Optional
                    head: Optional[nn.Module] = None) -> fx.GraphModule:
     """The graph a search trains: ``gm`` without its pruned ops, cut after ``stage`` into
     ``head`` when given (a multi-stage phase), with its gated convs on the fused Triton op
-    when ``kernels`` asks for it (``"on"``; ``"auto"`` keeps the eager graph for now)."""
+    when ``kernels`` asks for it (``"on"``; ``"auto"`` keeps the eager graph for now), and the
+    gates that follow a BatchNorm folded into its affine (exact, one pass over the activation
+    fewer per gate)."""
     passes = [SkipPrunedOps()]
     if stage is not None:
         passes.append(StageGraph(stage, head))
-    passes.append(FuseKernels(enabled=KERNEL_MODES[kernels]))
+    passes += [FuseKernels(enabled=KERNEL_MODES[kernels]), FoldGates()]
     return run_passes(gm, passes)
