@@ -38,15 +38,18 @@ def test_target_checks(digits):
     check_target(gm, floor.nonzero)
 
 
-def test_threshold_rules(digits):
-    s = _searcher(digits, 5000, threshold_init="min", threshold_margin=0.2)
+@pytest.mark.parametrize("weight_scale", ["global", "layer"])
+def test_threshold_rules(digits, weight_scale):
+    s = _searcher(digits, 5000, threshold_init="min", threshold_margin=0.2, weight_scale=weight_scale)
     s.init_thresholds()
     for k, scope in s.bank.scopes.items():
         if hasattr(scope, "t_alpha"):  # a margin below the gate, not on it
             assert scope.t_alpha.item() == pytest.approx(0.8 * torch.sigmoid(s.bank.op[k].alpha).item())
-    for k, m in s.bank.weight.items():  # weights are on their layer's normalised scale
+    every = torch.cat([s.struct.weight_of[k].detach().abs().flatten() for k in s.bank.weight])
+    for k, m in s.bank.weight.items():  # weights are on the model's (or their layer's) normalised scale
         w = s.struct.weight_of[k].detach().abs()
-        assert float(m.scale) == pytest.approx(float(w.mean()), rel=1e-5)
+        mean = every.mean() if weight_scale == "global" else w.mean()
+        assert float(m.scale) == pytest.approx(float(mean), rel=1e-5)
         t = s.bank.scopes[s.struct.layer_scope[k]].t_omega.item()
         assert 0 <= t <= 0.8 * float((w / m.scale).min()) + 1e-7
     # nothing starts below its threshold: a round right after the initialisation has nothing to commit
@@ -121,6 +124,23 @@ def test_the_last_round_lands_within_3_percent_below_the_target(digits):
     after = granular.count_params(s.gm).nonzero
     assert info["deadline"] and info["commit"] == "deadline" and s.state["done"]
     assert 0.97 * 6000 <= after <= 6000
+
+
+def test_a_landing_fills_with_the_smallest_weights_of_the_model_not_of_each_layer(digits):
+    """The deadline's fillers are ranked by raw distance to the threshold: a layer whose
+    weights are 10x larger keeps them, even when thresholds are per-layer normalised."""
+    s = _searcher(digits, 6000, epochs=30, lambda_init=1e-3, weight_scale="layer")
+    big = max(s.bank.weight, key=lambda k: s.struct.weight_of[k].numel())
+    with torch.no_grad():
+        s.struct.weight_of[big].mul_(10)
+    s.init_thresholds()
+    s.state["epoch"] = 28
+    d = s.decide_round(s.round_goal(None), lambda: granular.count_params(s.gm))
+    weights = [u for u in d.units if u[1] == "weight"]
+    assert d.plan.deadline and weights
+    share_big = sum(u[2] == big for u in weights) / s.struct.weight_of[big].numel()
+    share_all = len(weights) / sum(w.numel() for w in s.struct.weight_of.values())
+    assert share_big < 0.3 * share_all
 
 
 def test_protection_that_reopens_an_op_rebuilds_the_training_graph(digits):

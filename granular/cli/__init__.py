@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--live-cap", type=float, default=None,
                    help="between rounds, thresholds mask at most this many times the next round's share of "
                         "each layer (default 0.5; 0: no cap)")
+    s.add_argument("--weight-scale", choices=("global", "layer"), default=None,
+                   help="weight thresholds compare |w| over the model's mean |w| (global, default: ranks "
+                        "weights across layers like global magnitude pruning) or over each layer's")
     s.add_argument("--granularities", default=None, metavar="LIST",
                    help="which units the search may prune: a comma list of op, filter, weight (default all three)")
     s.add_argument("--gate-start", choices=("auto", "identity", "half"), default=None,

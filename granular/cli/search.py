@@ -34,7 +34,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                "batch_size": "batch_size", "threshold_init": "threshold_init", "mu": "mu", "seed": "seed",
                "multi_stage": "multi_stage", "stage_keep": "stage_keep", "regrow": "regrow",
                "kernels": "kernels", "schedule": "schedule", "lambda_init": "lambda_init",
-               "threshold_margin": "threshold_margin", "live_cap": "live_cap"}
+               "threshold_margin": "threshold_margin", "live_cap": "live_cap",
+               "weight_scale": "weight_scale"}
     out = {field: getattr(args, arg, None) for arg, field in mapping.items() if getattr(args, arg, None) is not None}
     gates = {}
     if getattr(args, "gate_start", None) is not None:

@@ -50,12 +50,18 @@ class TrainingMixin:
         (``docs/method.md``, "Threshold initialisation"), ``threshold_margin`` below the
         smallest kept value of each scope, so that no unit starts on its threshold (where the
         step's gradient peaks and noise alone would decide). Each weight mask's ``scale``
-        becomes its layer's mean kept magnitude. The first call also sets λ."""
+        becomes the mean kept magnitude of the model (``weight_scale="global"``) or of its
+        layer. The first call also sets λ."""
         cfg, b = self.cfg, self.bank
+        model_scale = None
+        if cfg.weight_scale == "global" and b.weight:
+            kept = torch.cat([self.struct.weight_of[k].detach().abs()[m.mask > 0] for k, m in b.weight.items()])
+            model_scale = float(kept.mean()) if kept.numel() and float(kept.mean()) > 0 else 1.0
         for k, m in b.weight.items():
             if scopes is None or self.struct.layer_scope[k] in scopes:
                 kept = self.struct.weight_of[k].abs()[m.mask > 0]
-                m.scale.fill_(float(kept.mean()) if kept.numel() and float(kept.mean()) > 0 else 1.0)
+                layer = float(kept.mean()) if kept.numel() and float(kept.mean()) > 0 else 1.0
+                m.scale.fill_(layer if model_scale is None else model_scale)
         keep = 1.0 - cfg.threshold_margin
         minima = self._scope_minima(scopes)
         for sid, scope in b.scopes.items():
