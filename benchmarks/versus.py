@@ -19,8 +19,8 @@ the dense model's parameters) on the same budget of extra epochs:
 Every count is the nonzero parameters of the final plain module, by one counter for all
 (:func:`nonzero`), and every method must end at or under its target. The peers fine-tune with
 one recipe (SGD, momentum 0.9, cosine from ``--lr``); granular with its own ``export
---finetune`` defaults (the same SGD from lr 0.005, its BatchNorms back for the fine-tune; at
-the peers' 0.01 one seed scored 0.2-0.3 points lower). It prints one line per run and a
+--finetune`` defaults (the same SGD from the same lr 0.01, its BatchNorms back for the
+fine-tune). It prints one line per run and a
 table: mean ± std of test accuracy (the official 10,000 test images) and the nonzero count,
 per method and target.
 
