@@ -13,9 +13,11 @@ import torch
 __all__ = ["interleaved_times", "header", "PeakTensorMemory", "ResultLog"]
 
 
-def interleaved_times(fns: dict[str, Callable[[], None]], *, warmup: int = 2, repeats: int = 7) -> dict[str, float]:
-    """Median seconds per call of each function, measured in alternation so that both see
-    the same machine state (turbo, caches, other load)."""
+def interleaved_samples(fns: dict[str, Callable[[], None]], *, warmup: int = 2,
+                        repeats: int = 7) -> dict[str, list[float]]:
+    """Seconds of each call of each function, ``repeats`` each, measured in alternation so that
+    all see the same machine state (turbo, caches, other load); sample ``i`` of every function
+    comes from the same round, so per-round ratios pair them."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -25,7 +27,12 @@ def interleaved_times(fns: dict[str, Callable[[], None]], *, warmup: int = 2, re
             t = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def interleaved_times(fns: dict[str, Callable[[], None]], *, warmup: int = 2, repeats: int = 7) -> dict[str, float]:
+    """Median seconds per call of each function (:func:`interleaved_samples`)."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(fns, warmup=warmup, repeats=repeats).items()}
 
 
 class ResultLog:
