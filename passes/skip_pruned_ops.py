@@ -93,9 +93,10 @@ class SkipPrunedOps(PassBase):
             elif za or zb:
                 keep = b if za else a
                 if isinstance(keep, fx.Node) and tensor_shape(keep) == tensor_shape(n):
-                    if any(_writes_input(gm, u) for u in n.users) and len(keep.users) > 1:
+                    if any(_writes_input(gm, u) for u in n.users):
                         # the sum was a fresh tensor that an in-place reader (timm's ReLU(inplace))
-                        # could overwrite; ``keep`` has other readers, which may have saved it
+                        # could overwrite; ``keep`` may be saved for backward by its other readers
+                        # or by the node that made it (a ReLU saves its output)
                         with graph.inserting_before(n):
                             keep = graph.call_method("clone", (keep,))
                             keep.meta.update(n.meta)
