@@ -195,3 +195,14 @@ def test_unknown_granularity(tmp_path, capsys):
                      "--granularities", "op,channel")
     assert_one_line_error(code, err, "--granularities", "channel")
     assert not (tmp_path / "r").exists()
+
+
+def test_search_lr_sets_the_weights_learning_rate_only(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--epochs", "1", "--out", str(run),
+                     "--no-progress", "--lr", "0.05")
+    assert code == 3, err
+    assert json.loads((run / "config.json").read_text())["search"]["lr_weights"] == 0.05
+    ck = __import__("torch").load(run / "checkpoint.pt", weights_only=False)
+    assert [g["lr"] for g in ck["opt_w"]["param_groups"]] == [0.05]
+    assert 0.05 not in [g["lr"] for g in ck["opt_a"]["param_groups"]]  # gates and thresholds keep theirs
