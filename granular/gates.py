@@ -95,22 +95,28 @@ class _MaskedWeight(torch.autograd.Function):
     two CPU cores)."""
 
     @staticmethod
-    def forward(ctx, w, t, mask):
+    def forward(ctx, w, t, mask, scale=None):
+        if scale is not None:   # the threshold's scale, folded in here: no autograd node of its own
+            t = t * scale
         keep = torch.where(w.abs() >= t, mask, 0.0)   # |w| >= t exactly when |w| - t >= 0
-        ctx.save_for_backward(w, t, mask, keep)
+        ctx.save_for_backward(w, t, mask, keep, scale)
         return w * keep
 
     @staticmethod
     def backward(ctx, grad):
-        w, t, mask, keep = ctx.saved_tensors
+        w, t, mask, keep, scale = ctx.saved_tensors
         aw = w.abs()
         ax = (aw - t).abs_()
         outside = ax > 1.0
         # d = grad · mask · S'(|w| - t), with S' = max(2 - 4|x|, 0.4) on |x| <= 1 (step_grad)
         d = ax.mul_(-4.0).add_(2.0).clamp_min_(0.4).masked_fill_(outside, 0.0).mul_(mask).mul_(grad)
-        grad_t = -torch.dot(d.reshape(-1), w.reshape(-1)).reshape(()) if ctx.needs_input_grad[1] else None
+        grad_t = None
+        if ctx.needs_input_grad[1]:
+            grad_t = -torch.dot(d.reshape(-1), w.reshape(-1)).reshape(())
+            if scale is not None:
+                grad_t = grad_t * scale
         grad_w = d.mul_(aw).addcmul_(grad, keep) if ctx.needs_input_grad[0] else None
-        return grad_w, grad_t, None
+        return grad_w, grad_t, None, None
 
 
 def gate_value(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, training: bool,
@@ -127,10 +133,12 @@ def gate_value(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, training: b
     return g if gain is None else g * gain
 
 
-def masked_weight(w: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``stored * S(|w| - t) * w`` with the long-tailed gradient, as one autograd node: the
-    training-mode ω mask, which the kernels' reference twin also applies."""
-    return _MaskedWeight.apply(w, t, mask)
+def masked_weight(w: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``stored * S(|w| - t·scale) * w`` with the long-tailed gradient, as one autograd node:
+    the training-mode ω mask, which the kernels' reference twin also applies. ``scale`` is a
+    constant (no gradient)."""
+    return _MaskedWeight.apply(w, t, mask, scale)
 
 
 def gate_reference(a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -197,11 +205,10 @@ class FilterGate(nn.Module):
 class WeightMask(nn.Module):
     """ω mask: ``M(ω) = S(|ω| - t_ω · scale) * ω`` applied to a layer's weight before the layer.
 
-    ``scale`` (a buffer, the mean kept ``|ω|`` of the layer when its thresholds are set) puts
-    ``t_ω`` on a per-layer normalised scale: ``t_ω = 0.3`` prunes the weights under 0.3 of
-    the layer's mean magnitude, whatever the layer's raw magnitudes. Without it one ``t_ω``
-    per op would compare raw magnitudes that differ by orders of magnitude between layers,
-    and λ could not move it far enough to prune (the weight granularity stayed inert)."""
+    ``scale`` (a buffer set with the thresholds: the model's mean kept ``|ω|`` by default, or
+    the layer's with ``weight_scale="layer"``) puts ``t_ω`` on a normalised scale: ``t_ω = 0.3``
+    prunes the weights under 0.3 of that mean, whatever the raw magnitudes. Without it λ could
+    not move a raw ``t_ω`` far enough to prune (the weight granularity stayed inert)."""
 
     def __init__(self, shape: torch.Size):
         super().__init__()
@@ -216,7 +223,7 @@ class WeightMask(nn.Module):
 
     def forward(self, weight: torch.Tensor, t_omega: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return masked_weight(weight, t_omega * self.scale, self.mask)
+            return masked_weight(weight, t_omega, self.mask, self.scale)
         return weight * self.mask
 
 

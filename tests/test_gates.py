@@ -70,8 +70,8 @@ def test_gain_scales_the_gate_and_its_gradients(training):
     assert not torch.allclose(y1, ref(beta, t, mask))  # the gain did act
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_fused_weight_mask_matches_formula(seed):
+@pytest.mark.parametrize("seed,scale", [(0, 1.0), (1, 1.0), (0, 0.37), (1, 2.5)])
+def test_fused_weight_mask_matches_formula(seed, scale):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(8, 4, 3, 3, generator=g, dtype=torch.float64) * 0.3
     t = torch.tensor(0.2, dtype=torch.float64)
@@ -79,8 +79,9 @@ def test_fused_weight_mask_matches_formula(seed):
     up = torch.randn(w.shape, generator=g, dtype=torch.float64)
     wm = WeightMask(w.shape).double().train()
     wm.mask.copy_(mask)
+    wm.scale.fill_(scale)  # the threshold compares |w| with t_ω · scale, and its gradient carries the scale
     y1, gw1, gt1 = _grads(lambda a, t, m: wm(a, t), w, t, mask, up)
-    y2, gw2, gt2 = _grads(weight_mask_reference, w, t, mask, up)
+    y2, gw2, gt2 = _grads(lambda a, t, m: weight_mask_reference(a, t * scale, m), w, t, mask, up)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
     torch.testing.assert_close(gw1, gw2, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(gt1, gt2, rtol=1e-12, atol=1e-14)
