@@ -39,6 +39,14 @@ def step_grad(x: torch.Tensor) -> torch.Tensor:
     return (2.0 - 4.0 * ax).clamp_min(0.4) * (ax <= 1.0)
 
 
+def _step_grad_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`step_grad` computed in ``x``'s own storage (``x`` must be a fresh buffer): the
+    fused gates' backward, with one allocation instead of six."""
+    ax = x.abs_()
+    outside = ax > 1.0
+    return ax.mul_(-4.0).add_(2.0).clamp_min_(0.4).masked_fill_(outside, 0.0)
+
+
 class _LongTailedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -80,9 +88,9 @@ class _SigmoidGate(torch.autograd.Function):
     def backward(ctx, grad):
         s, x, keep, mask = ctx.saved_tensors
         gm = grad * mask
-        ds = step_grad(x) * s          # d/dx of S, times σ(a)
-        grad_a = gm * (keep + ds) * (s * (1 - s))
-        grad_t = -(gm * ds).sum().reshape(()) if ctx.needs_input_grad[1] else None
+        ds = _step_grad_(x.clone()).mul_(s)           # d/dx of S, times σ(a)
+        grad_t = -torch.dot(gm.reshape(-1), ds.reshape(-1)).reshape(()) if ctx.needs_input_grad[1] else None
+        grad_a = torch.ops.aten.sigmoid_backward(ds.add_(keep).mul_(gm), s)   # · σ(a)(1 - σ(a))
         return grad_a, grad_t, None, None
 
 
@@ -106,10 +114,7 @@ class _MaskedWeight(torch.autograd.Function):
     def backward(ctx, grad):
         w, t, mask, keep, scale = ctx.saved_tensors
         aw = w.abs()
-        ax = (aw - t).abs_()
-        outside = ax > 1.0
-        # d = grad · mask · S'(|w| - t), with S' = max(2 - 4|x|, 0.4) on |x| <= 1 (step_grad)
-        d = ax.mul_(-4.0).add_(2.0).clamp_min_(0.4).masked_fill_(outside, 0.0).mul_(mask).mul_(grad)
+        d = _step_grad_(aw - t).mul_(mask).mul_(grad)     # grad · mask · S'(|w| - t)
         grad_t = None
         if ctx.needs_input_grad[1]:
             grad_t = -torch.dot(d.reshape(-1), w.reshape(-1)).reshape(())
