@@ -12,6 +12,7 @@ from torch import nn
 from granular.config import GateConfig
 from granular.errors import GranularError
 from granular.masks import gate_bank
+from granular.meta import GATE_START
 from granular.passes.export import export_graph
 from granular.passes.pipelines import gate_pipeline
 from granular.passes.trace import AUTO_LEAVES, trace
@@ -46,7 +47,8 @@ def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
                auto_leaf=auto_leaf)
     gm = gate_pipeline(gm, config)
     bank = gate_bank(gm)
-    _set_gate_start(bank, gate_start(model, config))
+    gm.meta[GATE_START] = gate_start(model, config)
+    _set_gate_start(bank, gm.meta[GATE_START])
     if not (len(bank.op) or len(bank.filter) or len(bank.weight)):
         whole = sorted({row["type"] for row in gm.meta.get(AUTO_LEAVES, [])})
         kept = f" (kept whole because they do not trace: {', '.join(whole)})" if whole else ""

@@ -14,7 +14,8 @@ from typing import Any, ClassVar, Optional
 
 from granular.errors import GranularError
 
-__all__ = ["GranularConfig", "GateConfig", "SearchConfig", "MultiStageConfig", "RetrainConfig", "parse_size"]
+__all__ = ["GranularConfig", "GateConfig", "SearchConfig", "MultiStageConfig", "RetrainConfig", "parse_size",
+           "weights_lr"]
 
 
 class GranularConfig:
@@ -130,7 +131,12 @@ class SearchConfig(GranularConfig):
             fewer than 8 epochs follow the warm-up, so a short budget still gets the several
             rounds the budget controller plans with (4 epochs: 4 rounds, not 2).
         batch_size: training batch size.
-        lr_weights, lr_gates, lr_thresholds, lr_t_omega: SGD learning rates per group.
+        lr_weights: the weights' SGD learning rate (constant). None (the default) picks it from
+            how the gates start (:attr:`GateConfig.start`): 0.03 for ``"identity"`` (a trained,
+            zoo or own model: the rate that measured best when pruning trained models in
+            ``benchmarks/versus.py``), 0.01 for ``"half"`` (the search-space presets, where the
+            landing figures were measured). :func:`weights_lr` resolves it.
+        lr_gates, lr_thresholds, lr_t_omega: SGD learning rates of the other groups.
         weight_decay: on the weights only.
         momentum: SGD momentum for every group.
         grad_clip: gradient-norm clip on the weights.
@@ -190,7 +196,7 @@ class SearchConfig(GranularConfig):
     warmup_epochs: int = 5
     prune_every: Optional[int] = None
     batch_size: int = 96
-    lr_weights: float = 0.01
+    lr_weights: Optional[float] = None
     lr_gates: float = 1.0
     lr_thresholds: float = 0.1
     lr_t_omega: float = 0.1
@@ -252,7 +258,8 @@ class SearchConfig(GranularConfig):
         self._check(0 < self.aux_fraction < 1, "aux_fraction must be between 0 and 1")
         self._check(self.kernels in ("auto", "on", "off"), "kernels must be 'auto', 'on' or 'off'")
         for name in ("lr_weights", "lr_gates", "lr_thresholds", "lr_t_omega"):
-            self._check(getattr(self, name) >= 0, f"{name} must be non-negative")
+            self._check(getattr(self, name) is None and name == "lr_weights" or getattr(self, name) >= 0,
+                        f"{name} must be non-negative")
 
 
 @dataclass
@@ -306,3 +313,12 @@ class RetrainConfig(GranularConfig):
         self._check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
         self._check(self.aux_weight >= 0, "aux_weight must be non-negative")
         self._check(0 <= self.drop_path < 1, "drop_path must be in [0, 1)")
+
+
+WEIGHTS_LR = {"identity": 0.03, "half": 0.01}  # SearchConfig.lr_weights=None, by gate start
+
+
+def weights_lr(cfg: SearchConfig, gate_start: str) -> float:
+    """The search's learning rate for the weights: ``cfg.lr_weights``, or when it is None the
+    default for how the gates started (``"identity"`` or ``"half"``; see :class:`SearchConfig`)."""
+    return cfg.lr_weights if cfg.lr_weights is not None else WEIGHTS_LR[gate_start]

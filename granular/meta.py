@@ -9,6 +9,10 @@ Keys:
     ``granular.member``    the id of the innermost op unit a node belongs to.
     ``granular.sum``       :class:`SumInfo` on the root node of a visible sum.
     ``granular.gate``      :class:`GateInfo` on every gate node inserted by ``insert_gates``.
+
+One key lives in the GraphModule's own ``meta``, not a node's:
+    ``granular.gate_start`` ``"identity"`` or ``"half"``: how :func:`granular.prepare` started
+                           the α/β gates (it also picks the search's default weight lr).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Optional
 import torch.fx as fx
 
 __all__ = [
-    "LAYER", "OP_UNIT", "MEMBER", "SUM", "GATE",
+    "LAYER", "OP_UNIT", "MEMBER", "SUM", "GATE", "GATE_START",
     "LayerInfo", "OpUnit", "SumInfo", "GateInfo",
     "layer_info", "tensor_shape",
 ]
@@ -29,6 +33,7 @@ OP_UNIT = "granular.op_unit"
 MEMBER = "granular.member"
 SUM = "granular.sum"
 GATE = "granular.gate"
+GATE_START = "granular.gate_start"
 
 
 @dataclass(frozen=True)

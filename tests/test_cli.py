@@ -206,3 +206,24 @@ def test_search_lr_sets_the_weights_learning_rate_only(tmp_path, capsys):
     ck = __import__("torch").load(run / "checkpoint.pt", weights_only=False)
     assert [g["lr"] for g in ck["opt_w"]["param_groups"]] == [0.05]
     assert 0.05 not in [g["lr"] for g in ck["opt_a"]["param_groups"]]  # gates and thresholds keep theirs
+
+
+def test_search_lr_defaults_by_gate_start(tmp_path, capsys):
+    """A user's model starts its gates as the identity and searches at 0.03; the search
+    spaces start them at σ(0) = 0.5 and keep the paper's 0.01."""
+    import torch
+    from granular import prepare
+    from granular.config import SearchConfig, weights_lr
+    from granular.meta import GATE_START
+    from granular.search_spaces import build_search_space
+
+    run = tmp_path / "run"
+    code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--epochs", "1", "--out", str(run),
+                     "--no-progress")
+    assert code == 3, err
+    assert json.loads((run / "config.json").read_text())["search"]["lr_weights"] is None
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert [g["lr"] for g in ck["opt_w"]["param_groups"]] == [0.03]
+    gm = prepare(build_search_space("darts:tiny", 10, 1), torch.randn(2, 1, 8, 8))
+    assert gm.meta[GATE_START] == "half" and weights_lr(SearchConfig(), gm.meta[GATE_START]) == 0.01
+    assert weights_lr(SearchConfig(lr_weights=0.2), "half") == 0.2

@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="epochs between pruning rounds (default 2, or 1 when fewer than 8 epochs follow the warm-up)")
     s.add_argument("--batch-size", type=int, default=None, help="default 96")
     s.add_argument("--lr", type=float, default=None,
-                   help="the weights' learning rate during the search (default 0.01; gates and thresholds "
-                        "keep theirs)")
+                   help="the weights' learning rate during the search (default 0.03 when the gates start as the "
+                        "identity, 0.01 for the search spaces; gates and thresholds keep theirs)")
     s.add_argument("--threshold-init", choices=("min", "zero"), default=None)
     s.add_argument("--mu", type=float, default=None, help="parameter-cost weight in the resource loss")
     s.add_argument("--schedule", choices=("cubic", "linear"), default=None,

@@ -15,7 +15,8 @@ from torch import nn
 
 from granular.driver.livecap import LiveCap
 from granular.gates import GATE_ROOT
-from granular.meta import GATE, OP_UNIT, SUM
+from granular.config import weights_lr
+from granular.meta import GATE, GATE_START, OP_UNIT, SUM
 
 __all__ = ["param_groups", "Structure", "structure", "OptimMixin"]
 
@@ -80,7 +81,8 @@ class OptimMixin:
             if opt is not None:
                 old.update({id(p): st for p, st in opt.state.items()})
         groups = param_groups(module)
-        self.opt_w = torch.optim.SGD(groups["weights"], lr=c.lr_weights, momentum=c.momentum,
+        lr = weights_lr(c, self.gm.meta.get(GATE_START, "identity"))
+        self.opt_w = torch.optim.SGD(groups["weights"], lr=lr, momentum=c.momentum,
                                      weight_decay=c.weight_decay)
         arch = [{"params": groups["gates"], "lr": c.lr_gates},
                 {"params": groups["thresholds"], "lr": c.lr_thresholds},
