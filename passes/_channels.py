@@ -543,19 +543,11 @@ def _lookup(cmap: dict[int, float], ids: list[int]) -> torch.Tensor:
 
 
 def _evaluate_on_constant(gm, node, kind, k, layer_weight, analysis) -> torch.Tensor:
-    """Run a per-channel node on a constant field and read back which channels stay constant.
-
-    Ops that act on each element alone (norms in eval mode, activations, scaling by a number)
-    run on a field of one position per channel: a constant field stays constant through them
-    at any size. Only the spatial ones (depthwise convs, pools, padding), whose borders can
-    break a constant, need the whole field."""
+    """Run a per-channel node on a constant field and read back which channels stay constant."""
     src = node.args[0]
     src_shape = (1,) + tuple(tensor_shape(src)[1:])
-    axis = analysis.axis[src]
     view = [1] * len(src_shape)
-    view[axis] = -1
-    if kind in (Kind.BN, Kind.POINTWISE, Kind.SCALE):
-        src_shape = tuple(n if i == axis else 1 for i, n in enumerate(src_shape))
+    view[analysis.axis[src]] = -1
     x = k.view(view).expand(src_shape).contiguous()
     with torch.no_grad():
         if kind == Kind.DWCONV:
@@ -580,5 +572,5 @@ def _evaluate_on_constant(gm, node, kind, k, layer_weight, analysis) -> torch.Te
             except (ValueError, TypeError, RuntimeError):
                 return torch.full((len(k),), math.nan)
     flat = y.movedim(analysis.axis[node], 0).reshape(y.shape[analysis.axis[node]], -1)
-    lo, hi = torch.aminmax(flat, dim=1)
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
     return torch.where((lo == hi) & torch.isfinite(lo), lo, torch.full_like(lo, math.nan))
