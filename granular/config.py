@@ -257,9 +257,9 @@ class SearchConfig(GranularConfig):
         self._check(0 <= self.regrow <= 1, "regrow must be between 0 and 1 (0 disables regrowth)")
         self._check(0 < self.aux_fraction < 1, "aux_fraction must be between 0 and 1")
         self._check(self.kernels in ("auto", "on", "off"), "kernels must be 'auto', 'on' or 'off'")
-        for name in ("lr_weights", "lr_gates", "lr_thresholds", "lr_t_omega"):
-            self._check(getattr(self, name) is None and name == "lr_weights" or getattr(self, name) >= 0,
-                        f"{name} must be non-negative")
+        self._check(self.lr_weights is None or self.lr_weights >= 0, "lr_weights must be non-negative")
+        for name in ("lr_gates", "lr_thresholds", "lr_t_omega"):
+            self._check(getattr(self, name) >= 0, f"{name} must be non-negative")
 
 
 @dataclass

@@ -34,14 +34,13 @@ GATE_ROOT = "granular_gates"  # attribute of the GraphModule that holds every ga
 
 def step_grad(x: torch.Tensor) -> torch.Tensor:
     """The long-tailed estimator's derivative of the unit step at ``x``."""
-    ax = x.abs()
-    # 2 - 4|x| falls below 0.4 exactly where |x| > 0.4, so one clamp gives both pieces.
-    return (2.0 - 4.0 * ax).clamp_min(0.4) * (ax <= 1.0)
+    return _step_grad_(x.clone())
 
 
 def _step_grad_(x: torch.Tensor) -> torch.Tensor:
     """:func:`step_grad` computed in ``x``'s own storage (``x`` must be a fresh buffer): the
-    fused gates' backward, with one allocation instead of six."""
+    fused gates' backward, with one allocation. 2 - 4|x| falls below 0.4 exactly where
+    |x| > 0.4, so one clamp gives both inner pieces; outside |x| <= 1 it is 0."""
     ax = x.abs_()
     outside = ax > 1.0
     return ax.mul_(-4.0).add_(2.0).clamp_min_(0.4).masked_fill_(outside, 0.0)
