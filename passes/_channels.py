@@ -68,6 +68,14 @@ class _UnionFind:
             i = p[i]
         return i
 
+    def roots(self) -> list[int]:
+        """The class of every id, in one pass: ``union`` links the larger root to the
+        smaller, so every parent precedes its child."""
+        root = list(self.parent)
+        for i, p in enumerate(root):
+            root[i] = root[p]
+        return root
+
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
@@ -231,9 +239,10 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
             fresh(node, size)
 
     res.raw = raw
-    res.fixed = {uf.find(i) for i in res.fixed}
-    res.slots = {n: [uf.find(i) for i in ids] for n, ids in raw.items()}
-    res.part_slots = {n: [None if p is None else (p[0], [uf.find(i) for i in p[1]]) for p in parts]
+    root = uf.roots()
+    res.fixed = {root[i] for i in res.fixed}
+    res.slots = {n: [root[i] for i in ids] for n, ids in raw.items()}
+    res.part_slots = {n: [None if p is None else (p[0], [root[i] for i in p[1]]) for p in parts]
                       for n, parts in res.parts.items()}
     return res
 

@@ -43,7 +43,7 @@ from granular.passes._channels import (ChannelAnalysis, shape_args, analyze_chan
 from granular.passes._graph import Kind, LayerView, layer_view, module_of
 from granular.passes._manager import run_passes
 
-__all__ = ["ExportPlan", "plan_export", "build_export", "Export", "export_graph"]
+__all__ = ["ExportPlan", "FoldedLayer", "plan_export", "build_export", "Export", "export_graph"]
 
 
 @dataclass
@@ -56,7 +56,8 @@ class ExportPlan:
         analysis: channel classes of the live graph.
         keep: kept channel positions per node with a channel axis.
         part_keep: the same per element, for nodes returning tuples (split, chunk).
-        modules: new modules by qualified path (folded layers and norms).
+        modules: new modules by qualified path: folded layers (as :class:`FoldedLayer`,
+            built by :func:`build_export`), norms, and modules taken over unchanged.
         folded_into: chain nodes (norms, gates) folded into the node that now produces them.
         literals: α gates that become ``x * value``.
         attrs: get_attr tensors carried over (user buffers/parameters).
@@ -156,12 +157,13 @@ def _foldable(lv: LayerView) -> bool:
 
 def plan_export(gm: fx.GraphModule) -> ExportPlan:
     """Decide what :func:`build_export` will build (see module docstring)."""
-    was = gm.training
+    if not gm.training:  # walking every submodule to set a mode costs time on large graphs
+        return _plan(gm)
     gm.eval()
     try:
         return _plan(gm)
     finally:
-        gm.train(was)
+        gm.train()
 
 
 def _plan(gm: fx.GraphModule) -> ExportPlan:
@@ -198,8 +200,13 @@ def _plan(gm: fx.GraphModule) -> ExportPlan:
                 removable.discard(ids[0])
                 changed = True
 
-    def kept(ids):
-        return torch.tensor([p for p, c in enumerate(ids) if c not in removable], dtype=torch.long)
+    memo: dict[tuple, torch.Tensor] = {}
+
+    def kept(ids):  # many nodes carry the same classes (a layer's output, its norm, its gates)
+        key = tuple(ids)
+        if key not in memo:
+            memo[key] = torch.tensor([p for p, c in enumerate(ids) if c not in removable], dtype=torch.long)
+        return memo[key]
 
     for n, ids in analysis.slots.items():
         plan.keep[n] = kept(ids)
@@ -315,18 +322,45 @@ def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules) ->
     scale = s[out_keep].view((-1,) + (1,) * (w.dim() - 1))
     w_new = (w_new * scale).contiguous()
     b_new = (bias * s + b)[out_keep].contiguous()
-    if isinstance(m, nn.Linear):
-        new = nn.Linear(len(in_keep), len(out_keep), bias=has_bias, device="meta")
-    else:
-        groups = {"dwconv": len(out_keep), "gconv": m.groups}.get(lv.kind, 1)
-        cls = type(m)
-        new = cls(len(in_keep), len(out_keep), m.kernel_size, stride=m.stride, padding=m.padding,
-                  dilation=m.dilation, groups=groups, bias=has_bias, device="meta")
-    new.weight = nn.Parameter(w_new.to(m.weight.dtype))
-    if has_bias:
-        new.bias = nn.Parameter(b_new.to(m.weight.dtype))
-    plan.modules[lv.path] = new
+    groups = len(out_keep) if lv.kind == "dwconv" else getattr(m, "groups", 1)
+    plan.modules[lv.path] = FoldedLayer(m, len(in_keep), len(out_keep), groups, w_new.to(m.weight.dtype),
+                                        b_new.to(m.weight.dtype) if has_bias else None)
     plan.module_of_node[n] = lv.path
+
+
+@dataclass
+class FoldedLayer:
+    """A ``Linear`` or ``ConvNd`` like ``template``, resized and holding folded tensors.
+
+    The plan keeps this record rather than a module: :func:`granular.count_params` only
+    needs the tensors, and constructing some two thousand modules (each initialising
+    weights only to have them replaced) was most of its time on large graphs.
+    :func:`build_export` calls :meth:`build`.
+    """
+
+    template: nn.Module
+    c_in: int
+    c_out: int
+    groups: int
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+    def parameters(self):
+        yield self.weight
+        if self.bias is not None:
+            yield self.bias
+
+    def build(self) -> nn.Module:
+        m, has_bias = self.template, self.bias is not None
+        if isinstance(m, nn.Linear):
+            new = nn.Linear(self.c_in, self.c_out, bias=has_bias, device="meta")
+        else:
+            new = type(m)(self.c_in, self.c_out, m.kernel_size, stride=m.stride, padding=m.padding,
+                          dilation=m.dilation, groups=self.groups, bias=has_bias, device="meta")
+        new.weight = nn.Parameter(self.weight)
+        if has_bias:
+            new.bias = nn.Parameter(self.bias)
+        return new
 
 
 def _plan_fixed_layer(gm, plan: ExportPlan, n: fx.Node, modules) -> None:
@@ -374,7 +408,11 @@ def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
     kinds = plan.analysis.kinds
     root = nn.Module()
     for path, m in plan.modules.items():
-        _set_path(root, path, copy.deepcopy(m) if path in plan.copied else m)
+        if isinstance(m, FoldedLayer):
+            m = m.build()
+        elif path in plan.copied:
+            m = copy.deepcopy(m)
+        _set_path(root, path, m)
     for target, t in plan.attrs.items():
         _set_attr(root, target, t)
 
