@@ -13,9 +13,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from granular.passes.export import plan_export
+from granular.passes.export import PlanCache, plan_export
 
-__all__ = ["ParamCount", "count_params", "count_params_by_stage", "count_module"]
+__all__ = ["ParamCount", "ParamCounter", "count_params", "count_params_by_stage", "count_module"]
 
 
 class ParamCount(NamedTuple):
@@ -38,7 +38,7 @@ def _count(params) -> ParamCount:
 
 def count_params(gm: fx.GraphModule) -> ParamCount:
     """The exact parameter count of ``export(gm)``, without building it."""
-    return _count(plan_export(gm).parameters())
+    return ParamCounter(gm)()
 
 
 def count_params_by_stage(gm: fx.GraphModule) -> dict[int, ParamCount]:
@@ -48,25 +48,47 @@ def count_params_by_stage(gm: fx.GraphModule) -> dict[int, ParamCount]:
     A compact module belongs to the stage of the node that calls it, a carried-over
     attribute to the stage of its ``get_attr`` node.
     """
-    from granular.passes.split_stages import STAGE
-    plan = plan_export(gm)
-    stage_of: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if STAGE not in n.meta:
-            raise ValueError("count_params_by_stage needs stage meta: run assign_stages(gm) first")
-        if n.op in ("call_module", "get_attr"):
-            stage_of.setdefault(str(n.target), n.meta[STAGE])
-    for n, path in plan.module_of_node.items():
-        stage_of[path] = n.meta[STAGE]
-    groups: dict[int, list] = {}
-    seen: set[int] = set()
-    named = [(path, p) for path, m in plan.modules.items() for p in m.parameters()]
-    named += [(name, t) for name, t in plan.attrs.items() if isinstance(t, nn.Parameter)]
-    for path, p in named:
-        if id(p) not in seen:
-            seen.add(id(p))
-            groups.setdefault(stage_of[path], []).append(p)
-    return {s: _count(ps) for s, ps in sorted(groups.items())}
+    return ParamCounter(gm).by_stage()
+
+
+class ParamCounter:
+    """:func:`count_params` for one graph counted many times while only its gates and masks
+    change, as a pruning round does while it searches for the units to commit.
+
+    The channel analysis is reused while the same operations are pruned, and the constants
+    of per-channel nodes while their inputs are (:class:`~granular.passes.export.PlanCache`).
+    Each count is still exact. Make a new counter after training steps or graph edits.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.cache = PlanCache()
+
+    def __call__(self) -> ParamCount:
+        return _count(plan_export(self.gm, self.cache).parameters())
+
+    def by_stage(self) -> dict[int, ParamCount]:
+        """The count split by resolution stage (see :func:`count_params_by_stage`)."""
+        from granular.passes.split_stages import STAGE
+        gm = self.gm
+        plan = plan_export(gm, self.cache)
+        stage_of: dict[str, int] = {}
+        for n in gm.graph.nodes:
+            if STAGE not in n.meta:
+                raise ValueError("count_params_by_stage needs stage meta: run assign_stages(gm) first")
+            if n.op in ("call_module", "get_attr"):
+                stage_of.setdefault(str(n.target), n.meta[STAGE])
+        for n, path in plan.module_of_node.items():
+            stage_of[path] = n.meta[STAGE]
+        groups: dict[int, list] = {}
+        seen: set[int] = set()
+        named = [(path, p) for path, m in plan.modules.items() for p in m.parameters()]
+        named += [(name, t) for name, t in plan.attrs.items() if isinstance(t, nn.Parameter)]
+        for path, p in named:
+            if id(p) not in seen:
+                seen.add(id(p))
+                groups.setdefault(stage_of[path], []).append(p)
+        return {s: _count(ps) for s, ps in sorted(groups.items())}
 
 
 def count_module(module: nn.Module) -> ParamCount:

@@ -478,7 +478,7 @@ def _part_shapes(node: fx.Node) -> list[tuple]:
 def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
                       gate_value: Callable[[fx.Node], torch.Tensor],
                       layer_weight: Callable[[LayerView], torch.Tensor],
-                      modules: Optional[dict] = None) -> dict[fx.Node, torch.Tensor]:
+                      modules: Optional[dict] = None, memo: Optional[dict] = None) -> dict[fx.Node, torch.Tensor]:
     """Per-position constants (NaN where not provably constant), in eval mode.
 
     Args:
@@ -486,9 +486,13 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
         analysis: its result.
         gate_value: the eval-mode value of a gate node (scalar for α, per channel for β).
         layer_weight: the effective (masked) weight of a depthwise layer.
+        memo: results of evaluating per-channel nodes, keyed by the node, its input constants
+            and its weight; reused by a caller that counts one graph repeatedly while only
+            masks change (:class:`granular.passes.export.PlanCache`).
     """
     consts: dict[fx.Node, torch.Tensor] = {}
     part_consts: dict[fx.Node, list] = {}
+    nans: dict[int, torch.Tensor] = {}
     for node, kind in analysis.kinds.items():
         if kind == Kind.MOVE and node in analysis.parts:
             cmap = _const_map(node, analysis, consts, part_consts)
@@ -499,7 +503,9 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
         size = len(analysis.slots[node])
         first = node.args[0] if node.args else None
         k_in = consts.get(first) if isinstance(first, fx.Node) else None
-        nan = torch.full((size,), math.nan)
+        if size not in nans:  # shared by every node of that size: constants are never written to
+            nans[size] = torch.full((size,), math.nan)
+        nan = nans[size]
         if kind in (Kind.GATE_OP, Kind.GATE_FILTER):
             g = gate_value(node).detach().float().reshape(-1).expand(size)
             k = k_in if k_in is not None else nan
@@ -519,11 +525,22 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
         elif kind in (Kind.DWCONV, Kind.BN, Kind.POINTWISE, Kind.POOL, Kind.PAD, Kind.SCALE):
             if k_in is None or torch.isnan(k_in).all():
                 consts[node] = nan
-            else:
-                consts[node] = _evaluate_on_constant(gm, node, kind, k_in, layer_weight, analysis)
+                continue
+            w = layer_weight(analysis.layers[node]) if kind == Kind.DWCONV else None
+            key = None if memo is None else (node, _bytes(k_in), None if w is None else _bytes(w))
+            if key is not None and key in memo:
+                consts[node] = memo[key]
+                continue
+            consts[node] = _evaluate_on_constant(gm, node, kind, k_in, w, analysis)
+            if key is not None:
+                memo[key] = consts[node]
         else:
             consts[node] = nan
     return consts
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu", torch.float32).numpy().tobytes()
 
 
 def _const_map(node, analysis, consts, part_consts) -> dict[int, float]:
@@ -551,8 +568,9 @@ def _lookup(cmap: dict[int, float], ids: list[int]) -> torch.Tensor:
     return torch.tensor([cmap.get(i, math.nan) for i in ids], dtype=torch.float32)
 
 
-def _evaluate_on_constant(gm, node, kind, k, layer_weight, analysis) -> torch.Tensor:
-    """Run a per-channel node on a constant field and read back which channels stay constant."""
+def _evaluate_on_constant(gm, node, kind, k, weight, analysis) -> torch.Tensor:
+    """Run a per-channel node on a constant field and read back which channels stay constant
+    (``weight``: the masked weight of a depthwise layer)."""
     src = node.args[0]
     src_shape = (1,) + tuple(tensor_shape(src)[1:])
     view = [1] * len(src_shape)
@@ -562,8 +580,8 @@ def _evaluate_on_constant(gm, node, kind, k, layer_weight, analysis) -> torch.Te
         if kind == Kind.DWCONV:
             lv = analysis.layers[node]
             m = lv.module
-            y = F.conv2d(x, layer_weight(lv), m.bias, m.stride, m.padding, m.dilation, m.groups) \
-                if x.dim() == 4 else F.conv1d(x, layer_weight(lv), m.bias, m.stride, m.padding, m.dilation, m.groups)
+            y = F.conv2d(x, weight, m.bias, m.stride, m.padding, m.dilation, m.groups) \
+                if x.dim() == 4 else F.conv1d(x, weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
         elif node.op == "call_module":
             m = module_of(gm, node)
             was = m.training

@@ -43,7 +43,7 @@ from granular.passes._channels import (ChannelAnalysis, shape_args, analyze_chan
 from granular.passes._graph import Kind, LayerView, layer_view, module_of
 from granular.passes._manager import run_passes
 
-__all__ = ["ExportPlan", "FoldedLayer", "plan_export", "build_export", "Export", "export_graph"]
+__all__ = ["ExportPlan", "FoldedLayer", "PlanCache", "plan_export", "build_export", "Export", "export_graph"]
 
 
 @dataclass
@@ -60,6 +60,7 @@ class ExportPlan:
             built by :func:`build_export`), norms, and modules taken over unchanged.
         folded_into: chain nodes (norms, gates) folded into the node that now produces them.
         literals: α gates that become ``x * value``.
+        layers: every conv/linear node that stays, sliced or kept whole.
         attrs: get_attr tensors carried over (user buffers/parameters).
     """
 
@@ -72,6 +73,7 @@ class ExportPlan:
     module_of_node: dict[fx.Node, str] = field(default_factory=dict)
     folded_into: dict[fx.Node, fx.Node] = field(default_factory=dict)
     literals: dict[fx.Node, float] = field(default_factory=dict)
+    layers: dict[fx.Node, LayerView] = field(default_factory=dict)
     attrs: dict[str, torch.Tensor] = field(default_factory=dict)
     copied: set[str] = field(default_factory=set)   # modules taken over unchanged (deep-copied on build)
 
@@ -155,28 +157,48 @@ def _foldable(lv: LayerView) -> bool:
     return all(p == 0 for p in lv.module.padding) if isinstance(lv.module.padding, tuple) else lv.module.padding == 0
 
 
-def plan_export(gm: fx.GraphModule) -> ExportPlan:
+@dataclass
+class PlanCache:
+    """What :func:`plan_export` may reuse between calls on one graph while only its gates
+    and masks change (the counts of one pruning round): the node kinds, the channel analysis
+    while the set of pruned operations is the same, and the constants of per-channel nodes
+    while their inputs are. Not valid across training steps (norm statistics move) or graph
+    edits: make a new one."""
+
+    modules: Optional[dict] = None
+    kinds: Optional[dict] = None
+    zero: Optional[frozenset] = None
+    analysis: Optional[ChannelAnalysis] = None
+    constants: dict = field(default_factory=dict)
+
+
+def plan_export(gm: fx.GraphModule, cache: Optional[PlanCache] = None) -> ExportPlan:
     """Decide what :func:`build_export` will build (see module docstring)."""
     if not gm.training:  # walking every submodule to set a mode costs time on large graphs
-        return _plan(gm)
+        return _plan(gm, cache or PlanCache())
     gm.eval()
     try:
-        return _plan(gm)
+        return _plan(gm, cache or PlanCache())
     finally:
         gm.train()
 
 
-def _plan(gm: fx.GraphModule) -> ExportPlan:
+def _plan(gm: fx.GraphModule, cache: PlanCache) -> ExportPlan:
     from granular.passes._graph import node_kind
-    modules = dict(gm.named_modules())
-    kinds = {n: node_kind(gm, n, modules) for n in gm.graph.nodes}
-    zero, alive = _zero_and_alive(gm, kinds, modules)
-    analysis = analyze_channels(gm, alive, modules)
+    if cache.modules is None:
+        cache.modules = dict(gm.named_modules())
+        cache.kinds = {n: node_kind(gm, n, cache.modules) for n in gm.graph.nodes}
+    modules = cache.modules
+    zero, alive = _zero_and_alive(gm, cache.kinds, modules)
+    if cache.analysis is None or cache.zero != frozenset(zero):
+        cache.zero, cache.analysis = frozenset(zero), analyze_channels(gm, alive, modules)
+    analysis = cache.analysis
     kinds = analysis.kinds
     gv = {n: gate_value(gm, n, modules) for n in alive if kinds.get(n) in (Kind.GATE_OP, Kind.GATE_FILTER)}
     consts = channel_constants(gm, analysis, gate_value=lambda n: gv[n],
-                               layer_weight=lambda lv: effective_weight(gm, lv, modules), modules=modules)
-    plan = ExportPlan(alive=alive, zero=zero, analysis=analysis)
+                               layer_weight=lambda lv: effective_weight(gm, lv, modules), modules=modules,
+                               memo=cache.constants)
+    plan = ExportPlan(alive=alive, zero=zero, analysis=analysis, layers=dict(analysis.layers))
 
     # Removable classes: every reader sees an absorbable constant.
     all_classes = {c for ids in analysis.slots.values() for c in ids}
@@ -184,12 +206,9 @@ def _plan(gm: fx.GraphModule) -> ExportPlan:
     for reader, x in analysis.readers:
         lv = analysis.layers[reader]
         fold_ok = _foldable(lv)
-        k = consts[x]
-        for p, c in enumerate(analysis.slots[x]):
-            if c in removable:
-                kp = float(k[p])
-                if math.isnan(kp) or (kp != 0.0 and not fold_ok):
-                    removable.discard(c)
+        for c, kp in zip(analysis.slots[x], consts[x].tolist()):
+            if c in removable and (math.isnan(kp) or (kp != 0.0 and not fold_ok)):
+                removable.discard(c)
     tensors = list(analysis.slots.values()) + [p[1] for parts in analysis.part_slots.values()
                                               for p in parts if p is not None]
     changed = True
@@ -272,7 +291,7 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules) -> None:
-    lv = plan.analysis.layers[n]
+    lv = plan.layers[n]
     m = lv.module
     chain = _chain(n, kinds, plan.alive, allow_bn=True)
     w = effective_weight(gm, lv, modules)
@@ -371,7 +390,7 @@ def _plan_fixed_layer(gm, plan: ExportPlan, n: fx.Node, modules) -> None:
         new.weight.copy_(effective_weight(gm, lv, modules))
     plan.modules[lv.path] = new
     plan.module_of_node[n] = lv.path
-    plan.analysis.layers[n] = lv
+    plan.layers[n] = lv
 
 
 def _plan_norm(gm, plan: ExportPlan, n: fx.Node, kinds, gv, modules) -> None:
@@ -430,8 +449,8 @@ def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
             env[n] = graph.node_copy(n)
         elif n.op == "output":
             graph.output(arg(n.args[0]))
-        elif n in plan.analysis.layers:
-            env[n] = graph.call_module(plan.module_of_node[n], (env[plan.analysis.layers[n].x],))
+        elif n in plan.layers:
+            env[n] = graph.call_module(plan.module_of_node[n], (env[plan.layers[n].x],))
         elif k == Kind.BN:
             env[n] = graph.call_module(plan.module_of_node[n], (env[n.args[0]],))
         elif k == Kind.GATE_OP:

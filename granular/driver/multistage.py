@@ -137,7 +137,7 @@ class MultiStageSearcher(Searcher):
         return self.phase >= self.n_stages
 
     def stage_counts(self) -> dict[int, ParamCount]:
-        return count_params_by_stage(self.gm)
+        return self.counter.by_stage() if self.counter is not None else count_params_by_stage(self.gm)
 
     def built_count(self) -> ParamCount:
         """The count of the stages built so far (``0..phase``): what a stage phase's goal is on."""

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from granular.accounting import ParamCount, count_params
+from granular.accounting import ParamCount, ParamCounter
 from granular.driver.controller import BudgetController, RoundPlan
 from granular.masks import mask_buffers, protect_last_ops_, unit_counts
 
@@ -73,6 +73,8 @@ class RoundDecision:
 
 class RoundMixin:
     """The pruning round of :class:`~granular.driver.searcher.Searcher`."""
+
+    counter: Optional[ParamCounter] = None  # the running round's counter (reuses work between counts)
 
     # ----------------------------------------------------------------- masks
     def _masks(self) -> dict[str, torch.Tensor]:
@@ -304,6 +306,10 @@ class RoundMixin:
             The round's row for the metrics (``goal_met`` says whether ``count <= goal``).
         """
         measured_whole = count is None
-        count = count or (lambda: count_params(self.gm))
-        decision = self.decide_round(self.round_goal(goal), count, allowed, rounds_left)
-        return self.apply_round(decision, None if measured_whole else (lambda: count_params(self.gm)))
+        self.counter = ParamCounter(self.gm)  # the round counts many mask sets: reuse what they share
+        try:
+            count = count or self.counter
+            decision = self.decide_round(self.round_goal(goal), count, allowed, rounds_left)
+            return self.apply_round(decision, None if measured_whole else self.counter)
+        finally:
+            self.counter = None

@@ -112,3 +112,21 @@ def test_exported_model_reloads_without_granular(tmp_path):
     assert out.stdout.strip() == "ok"
     loaded = granular.load(tmp_path / "model")
     torch.testing.assert_close(loaded(x), gm(x), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["mobile_like", "resnet_like", "darts:tiny"])
+def test_param_counter_reused_across_mask_changes_stays_exact(name):
+    """A pruning round counts many mask sets with one ParamCounter, which reuses the channel
+    analysis and per-node constants between counts: every count must still equal a fresh
+    one, whether the pruned operations change (op > 0) or only filters and weights do."""
+    from granular.accounting import ParamCounter
+    gm = _gated(name)
+    gm.eval()
+    counter = ParamCounter(gm)
+    counts = set()
+    for seed, op in [(0, 0.0), (1, 0.0), (2, 0.5), (3, 0.5), (4, 0.0), (0, 0.0)]:
+        random_masks_(gm, op=op, filter=0.4, weight=0.3, seed=seed)
+        fresh = granular.count_params(gm)
+        assert counter() == fresh
+        counts.add(fresh)
+    assert len(counts) >= 4  # the masks did change the count
