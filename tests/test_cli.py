@@ -227,3 +227,22 @@ def test_search_lr_defaults_by_gate_start(tmp_path, capsys):
     gm = prepare(build_search_space("darts:tiny", 10, 1), torch.randn(2, 1, 8, 8))
     assert gm.meta[GATE_START] == "half" and weights_lr(SearchConfig(), gm.meta[GATE_START]) == 0.01
     assert weights_lr(SearchConfig(lr_weights=0.2), "half") == 0.2
+
+
+def test_search_lr_ramp_rises_from_zero_over_its_epochs(tmp_path, capsys):
+    """The weights' rate rises linearly over --lr-ramp epochs: one epoch into a two-epoch
+    ramp the saved optimiser holds half the rate; the search spaces default to no ramp."""
+    import torch
+    from granular.config import SearchConfig, lr_ramp_epochs
+
+    run = tmp_path / "run"
+    code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--epochs", "1", "--lr-ramp", "2",
+                     "--out", str(run), "--no-progress")
+    assert code == 3, err
+    assert json.loads((run / "config.json").read_text())["search"]["lr_ramp_epochs"] == 2
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert [g["lr"] for g in ck["opt_w"]["param_groups"]] == [pytest.approx(0.015)]
+    assert lr_ramp_epochs(SearchConfig(), "identity") == 1 and lr_ramp_epochs(SearchConfig(), "half") == 0
+    code, err = _run(capsys, "search", VGG, "--target-params", "20K", "--lr-ramp", "-1", "--out",
+                     str(tmp_path / "bad"), "--no-progress")
+    assert code != 0 and "lr_ramp_epochs must be non-negative" in err

@@ -31,7 +31,7 @@ __all__ = ["handle"]
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     mapping = {"epochs": "epochs", "warmup_epochs": "warmup_epochs", "prune_every": "prune_every",
-               "batch_size": "batch_size", "lr": "lr_weights", "threshold_init": "threshold_init", "mu": "mu", "seed": "seed",
+               "batch_size": "batch_size", "lr": "lr_weights", "lr_ramp": "lr_ramp_epochs", "threshold_init": "threshold_init", "mu": "mu", "seed": "seed",
                "multi_stage": "multi_stage", "stage_keep": "stage_keep", "regrow": "regrow",
                "kernels": "kernels", "schedule": "schedule", "lambda_init": "lambda_init",
                "threshold_margin": "threshold_margin", "live_cap": "live_cap",

@@ -15,7 +15,7 @@ from torch import nn
 
 from granular.driver.livecap import LiveCap
 from granular.gates import GATE_ROOT
-from granular.config import weights_lr
+from granular.config import lr_ramp_epochs, weights_lr
 from granular.meta import GATE, GATE_START, OP_UNIT, SUM
 
 __all__ = ["param_groups", "Structure", "structure", "OptimMixin"]
@@ -81,7 +81,9 @@ class OptimMixin:
             if opt is not None:
                 old.update({id(p): st for p, st in opt.state.items()})
         groups = param_groups(module)
-        lr = weights_lr(c, self.gm.meta.get(GATE_START, "identity"))
+        start = self.gm.meta.get(GATE_START, "identity")
+        lr = self.lr_w = weights_lr(c, start)
+        self.lr_ramp = lr_ramp_epochs(c, start)
         self.opt_w = torch.optim.SGD(groups["weights"], lr=lr, momentum=c.momentum,
                                      weight_decay=c.weight_decay)
         arch = [{"params": groups["gates"], "lr": c.lr_gates},
@@ -98,6 +100,15 @@ class OptimMixin:
         self._gate_thresholds, self._weight_thresholds = groups["thresholds"], groups["t_omega"]
         self._arch = groups["gates"] + groups["thresholds"] + groups["t_omega"]
         self._trained = groups["weights"] + self._arch
+
+    def set_weights_lr(self, epoch: int, step: int, steps: int) -> None:
+        """The weights' learning rate at ``step`` of ``steps`` in ``epoch``: a linear ramp from 0
+        over the first :attr:`lr_ramp` epochs of the run, then constant. A function of the
+        position alone, so a resumed run continues the same schedule."""
+        pos = epoch + (step + 1) / steps
+        lr = self.lr_w * min(1.0, pos / self.lr_ramp) if self.lr_ramp > 0 else self.lr_w
+        for g in self.opt_w.param_groups:
+            g["lr"] = lr
 
     def _active(self):
         """Per-sum active op keys and the thresholds of active scopes. Masks change only at

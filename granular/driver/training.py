@@ -125,7 +125,9 @@ class TrainingMixin:
         lam = 0.0 if warmup else self.state["lambda"]
         tot = correct = skipped = 0
         sum_loss = sum_ce = 0.0
+        steps = len(loader)
         for i, (x, y) in enumerate(loader):
+            self.set_weights_lr(epoch, i, steps)
             x, y = x.to(self.device), y.to(self.device)
             out = self.net(x)
             ce = F.cross_entropy(out, y)
