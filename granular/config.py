@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 from granular.errors import GranularError
 
 __all__ = ["GranularConfig", "GateConfig", "SearchConfig", "MultiStageConfig", "RetrainConfig", "parse_size",
-           "weights_lr", "lr_ramp_epochs"]
+           "weights_lr"]
 
 
 class GranularConfig:
@@ -137,10 +137,9 @@ class SearchConfig(GranularConfig):
             ``benchmarks/versus.py``), 0.01 for ``"half"`` (the search-space presets, where the
             landing figures were measured). :func:`weights_lr` resolves it.
         lr_ramp_epochs: the weights' learning rate rises linearly from 0 to its value over the
-            run's first this-many epochs. None (the default) picks 1 for ``"identity"`` gates
-            (a trained model is not thrown off its optimum by a step to the search's rate:
-            ``benchmarks/trained_start.py``) and 0 for ``"half"``. :func:`lr_ramp_epochs`
-            resolves it.
+            run's first this-many epochs (default 0: no ramp). On a trained model a one-epoch
+            ramp halves the first epoch's drop in training accuracy but cost the final model
+            about a point at 30% in ``benchmarks/versus.py`` (``docs/benchmarks.md``).
         lr_gates, lr_thresholds, lr_t_omega: SGD learning rates of the other groups.
         weight_decay: on the weights only.
         momentum: SGD momentum for every group.
@@ -202,7 +201,7 @@ class SearchConfig(GranularConfig):
     prune_every: Optional[int] = None
     batch_size: int = 96
     lr_weights: Optional[float] = None
-    lr_ramp_epochs: Optional[float] = None
+    lr_ramp_epochs: float = 0.0
     lr_gates: float = 1.0
     lr_thresholds: float = 0.1
     lr_t_omega: float = 0.1
@@ -264,7 +263,7 @@ class SearchConfig(GranularConfig):
         self._check(0 < self.aux_fraction < 1, "aux_fraction must be between 0 and 1")
         self._check(self.kernels in ("auto", "on", "off"), "kernels must be 'auto', 'on' or 'off'")
         self._check(self.lr_weights is None or self.lr_weights >= 0, "lr_weights must be non-negative")
-        self._check(self.lr_ramp_epochs is None or self.lr_ramp_epochs >= 0, "lr_ramp_epochs must be non-negative")
+        self._check(self.lr_ramp_epochs >= 0, "lr_ramp_epochs must be non-negative")
         for name in ("lr_gates", "lr_thresholds", "lr_t_omega"):
             self._check(getattr(self, name) >= 0, f"{name} must be non-negative")
 
@@ -330,11 +329,3 @@ def weights_lr(cfg: SearchConfig, gate_start: str) -> float:
     default for how the gates started (``"identity"`` or ``"half"``; see :class:`SearchConfig`)."""
     return cfg.lr_weights if cfg.lr_weights is not None else WEIGHTS_LR[gate_start]
 
-
-LR_RAMP_EPOCHS = {"identity": 1.0, "half": 0.0}  # SearchConfig.lr_ramp_epochs=None, by gate start
-
-
-def lr_ramp_epochs(cfg: SearchConfig, gate_start: str) -> float:
-    """The epochs over which the weights' learning rate rises from 0: ``cfg.lr_ramp_epochs``,
-    or when it is None the default for how the gates started (see :class:`SearchConfig`)."""
-    return cfg.lr_ramp_epochs if cfg.lr_ramp_epochs is not None else LR_RAMP_EPOCHS[gate_start]

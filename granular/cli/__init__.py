@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                         "identity, 0.01 for the search spaces; gates and thresholds keep theirs)")
     s.add_argument("--lr-ramp", type=float, default=None, metavar="EPOCHS",
                    help="the weights' learning rate rises linearly from 0 over the run's first EPOCHS epochs "
-                        "(default 1 when the gates start as the identity, 0 for the search spaces)")
+                        "(default 0: none)")
     s.add_argument("--threshold-init", choices=("min", "zero"), default=None)
     s.add_argument("--mu", type=float, default=None, help="parameter-cost weight in the resource loss")
     s.add_argument("--schedule", choices=("cubic", "linear"), default=None,

@@ -15,7 +15,7 @@ from torch import nn
 
 from granular.driver.livecap import LiveCap
 from granular.gates import GATE_ROOT
-from granular.config import lr_ramp_epochs, weights_lr
+from granular.config import weights_lr
 from granular.meta import GATE, GATE_START, OP_UNIT, SUM
 
 __all__ = ["param_groups", "Structure", "structure", "OptimMixin"]
@@ -81,9 +81,8 @@ class OptimMixin:
             if opt is not None:
                 old.update({id(p): st for p, st in opt.state.items()})
         groups = param_groups(module)
-        start = self.gm.meta.get(GATE_START, "identity")
-        lr = self.lr_w = weights_lr(c, start)
-        self.lr_ramp = lr_ramp_epochs(c, start)
+        lr = self.lr_w = weights_lr(c, self.gm.meta.get(GATE_START, "identity"))
+        self.lr_ramp = c.lr_ramp_epochs
         self.opt_w = torch.optim.SGD(groups["weights"], lr=lr, momentum=c.momentum,
                                      weight_decay=c.weight_decay)
         arch = [{"params": groups["gates"], "lr": c.lr_gates},
