@@ -68,3 +68,19 @@ def test_decide_leaves_the_masks_and_apply_commits_what_was_decided(digits):
     info = s.apply_round(d)
     assert info["pruned_units"]["filter"] == sum(1 for u in d.units if u[1] == "filter")
     assert granular.count_params(gm) == d.after and s.state["params"] == d.after.nonzero
+
+
+def test_warm_up_trains_the_weights_only_and_the_search_all_groups(digits):
+    """A warm-up epoch computes no gradient for gates and thresholds (they cannot move:
+    λ = 0 and their optimiser does not step); the first search epoch computes them again."""
+    gm = granular.prepare(user_model("resnet_like"), digits.example_input())
+    s = Searcher(gm, digits, SearchConfig(target_params=1000, epochs=2, warmup_epochs=1), progress=False)
+    arch_before = [p.detach().clone() for p in s._arch]
+    weights_before = [p.detach().clone() for p in s.weights]
+    s.train_epoch(0, warmup=True)
+    assert s._arch and all(p.grad is None for p in s._arch)
+    assert all(torch.equal(a, p) for a, p in zip(arch_before, s._arch))
+    assert any(not torch.equal(a, p) for a, p in zip(weights_before, s.weights))
+    s.init_thresholds()
+    s.train_epoch(1, warmup=False)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s._arch)

@@ -121,6 +121,8 @@ class TrainingMixin:
     def train_epoch(self, epoch: int, warmup: bool, bar=None) -> dict[str, float]:
         cfg = self.cfg
         self.net.train()
+        for p in self._arch:  # warm-up steps only the weights: no gate or threshold gradients to compute
+            p.requires_grad_(not warmup)
         loader = self.data.train_loader(epoch)
         lam = 0.0 if warmup else self.state["lambda"]
         tot = correct = skipped = 0
