@@ -61,12 +61,17 @@ def measure(spec: str, repeats: int) -> dict[str, tuple[float, float, float]]:
     arch = [p for p in gm.granular_gates.parameters()]
 
     def step(model, arch_grads):
-        def run():  # a warm-up step trains the weights only: gates and thresholds need no gradient
-            for p in arch:
-                p.requires_grad_(arch_grads)
+        def run():
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
-        return run
+
+        def warmup():  # weights only: gates and thresholds need no gradient (the toggle is timed too)
+            for p in arch:
+                p.requires_grad_(False)
+            run()
+            for p in arch:
+                p.requires_grad_(True)
+        return run if arch_grads else warmup
 
     t = interleaved_samples({k: step(*m) for k, m in nets.items()}, repeats=repeats)
     out = {k: quartiles(v) for k, v in t.items()}

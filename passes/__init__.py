@@ -12,7 +12,9 @@
     fold_norms   (passes/fold_norms.py)    transform: those norms folded back (after fine-tuning)
     retrain_graph (passes/retrain_graph.py) transform: drop-path and an auxiliary head (retraining)
 
-``trace`` runs ``decompose_norm_act`` (passes/decompose.py) on timm's fused norm+act leaves.
+``trace`` runs ``decompose_norm_act`` (passes/decompose.py) on timm's fused norm+act leaves,
+and ``thread_inplace_ops`` (passes/inplace.py) so that readers after an in-place op read its
+result.
 
 Passes run through a ``PassManager`` with one shared check after each (``_manager.py``); the
 pipelines the library runs, ``gate_pipeline`` (find_units -> insert_gates) and

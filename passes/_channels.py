@@ -575,7 +575,7 @@ def _evaluate_on_constant(gm, node, kind, k, weight, analysis) -> torch.Tensor:
     src_shape = (1,) + tuple(tensor_shape(src)[1:])
     view = [1] * len(src_shape)
     view[analysis.axis[src]] = -1
-    x = k.view(view).expand(src_shape).contiguous()
+    x = k.view(view).expand(src_shape).clone()  # a copy: in-place ops must not write into stored constants
     with torch.no_grad():
         if kind == Kind.DWCONV:
             lv = analysis.layers[node]

@@ -23,6 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from granular.errors import TraceError
 from granular.passes.decompose import decompose_norm_act
+from granular.passes.inplace import thread_inplace_ops
 
 __all__ = ["trace", "register_leaf_module", "register_leaf_function", "GranularTracer", "AUTO_LEAVES"]
 
@@ -156,6 +157,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[AUTO_LEAVES] = blamed
     decompose_norm_act(gm)
+    thread_inplace_ops(gm)
     propagate_shapes(gm, example_inputs)
     return gm
 

@@ -119,10 +119,20 @@ class TrainingMixin:
                     t.fill_(keep * v)
 
     def train_epoch(self, epoch: int, warmup: bool, bar=None) -> dict[str, float]:
+        """One epoch over the training data. Warm-up steps only the weights, so gates and
+        thresholds stop requiring gradients for it (and require them again after, however
+        the epoch ends)."""
+        for p in self._arch:
+            p.requires_grad_(not warmup)
+        try:
+            return self._train_epoch(epoch, warmup, bar)
+        finally:
+            for p in self._arch:
+                p.requires_grad_(True)
+
+    def _train_epoch(self, epoch: int, warmup: bool, bar=None) -> dict[str, float]:
         cfg = self.cfg
         self.net.train()
-        for p in self._arch:  # warm-up steps only the weights: no gate or threshold gradients to compute
-            p.requires_grad_(not warmup)
         loader = self.data.train_loader(epoch)
         lam = 0.0 if warmup else self.state["lambda"]
         tot = correct = skipped = 0

@@ -130,3 +130,37 @@ def test_param_counter_reused_across_mask_changes_stays_exact(name):
         assert counter() == fresh
         counts.add(fresh)
     assert len(counts) >= 4  # the masks did change the count
+
+
+class _InplaceAfterNorm(nn.Module):
+    """A gated filter followed by a norm that gives its pruned channel a nonzero constant, then
+    an in-place scale: evaluating that node on the constant must not write into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn1, self.bn2, self.fc2 = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.BatchNorm1d(16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.bn2.bias.fill_(1.0)
+
+    def forward(self, x):
+        y = self.bn2(torch.relu(self.bn1(self.fc1(x))))
+        y.mul_(1e10)
+        return self.fc2(y)
+
+
+def test_in_place_op_after_a_norm_exports_exactly_and_counts_stay_exact():
+    """``y.mul_(c)`` as a statement: its result is unused, and export used to drop it as dead
+    code (the compact model then differed by the factor). And the counter memoises per-node
+    constants: evaluating the in-place op on a stored constant used to scale it again on
+    every count (1e10 per count: infinite, so unremovable, by the fourth)."""
+    from granular.accounting import ParamCounter
+    from granular.testing import check_export
+    for seed in (0, 1):
+        assert check_export(_InplaceAfterNorm().eval(), torch.randn(4, 8), seed=seed).ok
+    gm = granular.prepare(_InplaceAfterNorm().eval(), torch.randn(4, 8))
+    random_masks_(gm, op=0.0, filter=0.5, weight=0.0, seed=0)
+    gm.eval()
+    counter = ParamCounter(gm)
+    fresh = granular.count_params(gm)
+    assert fresh.total < sum(p.numel() for p in _InplaceAfterNorm().parameters())
+    assert all(counter() == fresh for _ in range(6))

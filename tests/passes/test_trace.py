@@ -104,3 +104,28 @@ def test_timm_leaf_registry_is_honoured():
     model.train()
     gm.train()
     torch.testing.assert_close(gm(x), model(x))  # batch statistics in training mode, as the leaf did
+
+
+def test_readers_after_an_in_place_op_read_its_result():
+    """``y.mul_(c)`` leaves its result unread; trace rewires the later readers of ``y`` to the
+    in-place node, so data flow passes through it (and the values are unchanged)."""
+    from torch import nn
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.fc = nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            y.mul_(2.0)
+            y.add_(1.0)
+            return self.fc(y) + y.sum(1, keepdim=True)
+
+    model = M().eval()
+    x = torch.randn(4, 6)
+    gm = trace(model, x)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert nodes["add_"].args[0] is nodes["mul_"]
+    assert nodes["fc"].args[0] is nodes["add_"] and nodes["sum_1"].args[0] is nodes["add_"]
+    torch.testing.assert_close(gm(x), model(x))
