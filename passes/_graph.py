@@ -128,8 +128,8 @@ def layer_view(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None
     if node.op == "call_module":
         m = _sub(gm, node.target, modules)
         if isinstance(m, _LAYER_TYPES) and type(m) in _LAYER_TYPES and node.args:
-            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-                return None
+            if not isinstance(m, nn.Linear) and m.padding_mode != "zeros":
+                return None  # reflect/replicate/circular: the functional conv has zero padding only
             return LayerView(node, m, node.target, _conv_kind(m), node.args[0])
         return None
     info = node.meta.get(LAYER)

@@ -124,3 +124,48 @@ def test_search_space_presets_keep_the_papers_half_start():
     assert {float(g.gain) for g in half.granular_gates.filter.values()} == {1.0}
     ident = granular.prepare(user_model("resnet_like"), example())
     assert {float(g.gain) for g in ident.granular_gates.filter.values()} == {2.0}
+
+
+class _PaddedModes(nn.Module):
+    """1-d and 2-d convs with reflect, replicate and circular padding, and prunable 1x1 convs
+    after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1 = nn.Conv1d(4, 8, 1)
+        self.bn1 = nn.BatchNorm1d(8)
+        self.dw1 = nn.Conv1d(8, 8, 3, padding=1, groups=8, padding_mode="reflect")
+        self.c1 = nn.Conv1d(8, 8, 3, padding=1, padding_mode="circular")
+        self.a2 = nn.Conv2d(4, 8, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate")
+        self.p1, self.q1 = nn.Conv1d(8, 8, 1), nn.BatchNorm1d(8)
+        self.p2, self.q2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y1 = self.c1(self.dw1(self.bn1(self.a1(x)).relu()))
+        y2 = self.c2(self.bn2(self.a2(x.unsqueeze(-1).expand(-1, -1, -1, 5))).relu())
+        y1, y2 = self.q1(self.p1(y1)).relu(), self.q2(self.p2(y2)).relu()
+        return self.head(torch.cat([y1.mean(-1), y2.mean((2, 3))], 1))
+
+
+def test_convs_with_non_zero_padding_modes_keep_their_function():
+    """The gated conv is ``torch.convNd`` with zero padding, so a conv padded another way is
+    kept whole (its channels fixed): a reflect Conv1d was rewritten (prepare changed the
+    output by 1e-2, and export rebuilt it with zero padding). The 1x1 convs still prune."""
+    from granular.testing import check_export, random_masks_
+    torch.manual_seed(0)
+    model, x = _PaddedModes().eval(), torch.randn(4, 4, 16)
+    gm = granular.prepare(model, x)
+    open_gates_(gm)
+    gm.eval()
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    for seed in (0, 1):
+        result = check_export(_PaddedModes().eval(), x, seed=seed)
+        assert result.ok, result.reason
+    random_masks_(gm, op=0.3, filter=0.5, weight=0.3, seed=0)
+    compact = granular.export(gm.eval())
+    assert [c.out_channels for c in (compact.p1, compact.p2)] != [8, 8]
+    modes = {name: m.padding_mode for name, m in compact.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))}
+    assert modes["dw1"] == "reflect" and modes["c1"] == "circular" and modes["c2"] == "replicate", modes
