@@ -73,6 +73,8 @@ class GateConfig(GranularConfig):
     Args:
         op_gates: gate operation units (branches that join a sum) with α.
         filter_gates: gate the output channels of conv/linear layers with β.
+        head_gates: gate the heads of attention layers with β too, one gate per head
+            (``passes/find_heads.py``); only with ``filter_gates``.
         weight_masks: mask conv/linear weights with ω.
         mask_stem: also mask the layers that read the graph input (the paper: stem
             weights are not gated).
@@ -86,6 +88,7 @@ class GateConfig(GranularConfig):
 
     op_gates: bool = True
     filter_gates: bool = True
+    head_gates: bool = True
     weight_masks: bool = True
     mask_stem: bool = False
     mask_head: bool = False

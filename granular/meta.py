@@ -9,6 +9,8 @@ Keys:
     ``granular.member``    the id of the innermost op unit a node belongs to.
     ``granular.sum``       :class:`SumInfo` on the root node of a visible sum.
     ``granular.gate``      :class:`GateInfo` on every gate node inserted by ``insert_gates``.
+    ``granular.heads``     :class:`HeadUnit` on each attention node whose heads are units
+                           (``find_heads``), and on its head gate (``insert_gates``).
 
 One key lives in the GraphModule's own ``meta``, not a node's:
     ``granular.gate_start`` ``"identity"`` or ``"half"``: how :func:`granular.prepare` started
@@ -23,8 +25,8 @@ from typing import Optional
 import torch.fx as fx
 
 __all__ = [
-    "LAYER", "OP_UNIT", "MEMBER", "SUM", "GATE", "GATE_START",
-    "LayerInfo", "OpUnit", "SumInfo", "GateInfo",
+    "LAYER", "OP_UNIT", "MEMBER", "SUM", "GATE", "GATE_START", "HEADS",
+    "LayerInfo", "OpUnit", "SumInfo", "GateInfo", "HeadUnit",
     "layer_info", "tensor_shape",
 ]
 
@@ -34,6 +36,7 @@ MEMBER = "granular.member"
 SUM = "granular.sum"
 GATE = "granular.gate"
 GATE_START = "granular.gate_start"
+HEADS = "granular.heads"
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,34 @@ class GateInfo:
     kind: str
     key: str
     scope: str
+
+
+@dataclass(frozen=True)
+class HeadUnit:
+    """The heads of one attention node (``scaled_dot_product_attention``) as units.
+
+    Attributes:
+        key: the head gate's key (``granular_gates.filter.<key>``).
+        scope: the threshold owner (the innermost op unit, else ``key``).
+        heads: the number of heads.
+        rows: per linear layer (module path) that produces q, k or v, its output rows of
+            each head (all roles together).
+        proj: the module path of the linear layer that reads the merged heads.
+        cols: that layer's input columns of each head.
+        resizes: (node name, argument dim, units per head) of every reshape between those
+            layers whose size at that dim counts heads: it becomes units per head x kept heads.
+        mask_dim: the dim of the attention mask that indexes heads (None: no mask, or one
+            that broadcasts over heads).
+    """
+
+    key: str
+    scope: str
+    heads: int
+    rows: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]
+    proj: str
+    cols: tuple[tuple[int, ...], ...]
+    resizes: tuple[tuple[str, int, int], ...]
+    mask_dim: Optional[int] = None
 
 
 def _get(node: fx.Node, key: str, producer: str):

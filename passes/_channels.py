@@ -507,7 +507,11 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
             nans[size] = torch.full((size,), math.nan)
         nan = nans[size]
         if kind in (Kind.GATE_OP, Kind.GATE_FILTER):
-            g = gate_value(node).detach().float().reshape(-1).expand(size)
+            g = gate_value(node).detach().float().reshape(-1)
+            if g.numel() not in (1, size):  # a head gate on an axis the analysis keeps elsewhere
+                consts[node] = nan
+                continue
+            g = g.expand(size)
             k = k_in if k_in is not None else nan
             consts[node] = torch.where(g == 0, torch.zeros(()), k * g)
         elif kind in (Kind.ADD, Kind.MUL):

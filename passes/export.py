@@ -16,9 +16,12 @@ Steps, each exact in eval mode (``docs/design.md``, invariant 1):
    maps), its weight mask, and the constants of removed input channels; a BatchNorm that
    follows no layer absorbs its gates. An α gate with nothing to fold into becomes a
    multiplication by a literal.
-4. **Rebuild** a new graph node by node with sliced modules at their original paths.
+4. **Remove zero attention heads** (``export_heads.py``): their rows and columns leave the
+   linears around the attention, reshapes that count heads are resized, and the head gates
+   fold into the output projection.
+5. **Rebuild** a new graph node by node with sliced modules at their original paths.
 
-The plan (steps 1-3) is shared with :func:`granular.count_params`, which counts the folded
+The plan (steps 1-4) is shared with :func:`granular.count_params`, which counts the folded
 tensors without building the graph; the tests check the two agree.
 """
 
@@ -37,11 +40,12 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.errors import GranularError
 from granular.gates import GATE_ROOT, WeightMask
-from granular.meta import GATE, tensor_shape
+from granular.meta import GATE, HEADS, tensor_shape
 from granular.passes._channels import (ChannelAnalysis, shape_args, analyze_channels, channel_constants,
                                        index_entry_for_dim)
 from granular.passes._graph import Kind, LayerView, layer_view, module_of
 from granular.passes._manager import run_passes
+from granular.passes.export_heads import build_attention, build_resized, plan_heads
 
 __all__ = ["ExportPlan", "FoldedLayer", "PlanCache", "plan_export", "build_export", "Export", "export_graph"]
 
@@ -62,6 +66,8 @@ class ExportPlan:
         literals: α gates that become ``x * value``.
         layers: every conv/linear node that stays, sliced or kept whole.
         attrs: get_attr tensors carried over (user buffers/parameters).
+        resize: reshapes that count attention heads -> (dim, new size).
+        head_masks: attention nodes whose per-head mask is cut -> (mask dim, kept heads).
     """
 
     alive: set[fx.Node]
@@ -76,6 +82,8 @@ class ExportPlan:
     layers: dict[fx.Node, LayerView] = field(default_factory=dict)
     attrs: dict[str, torch.Tensor] = field(default_factory=dict)
     copied: set[str] = field(default_factory=set)   # modules taken over unchanged (deep-copied on build)
+    resize: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)
+    head_masks: dict[fx.Node, tuple[int, list[int]]] = field(default_factory=dict)
 
     def parameters(self):
         """The parameters the exported module will have."""
@@ -233,6 +241,7 @@ def _plan(gm: fx.GraphModule, cache: PlanCache) -> ExportPlan:
         plan.part_keep[n] = [None if p is None else kept(p[1]) for p in parts]
 
     # Fold layers and norms with the gates that follow them.
+    head_gates = []
     for n in gm.graph.nodes:
         if n not in alive:
             continue
@@ -245,6 +254,8 @@ def _plan(gm: fx.GraphModule, cache: PlanCache) -> ExportPlan:
             _plan_norm(gm, plan, n, kinds, gv, modules)
         elif k == Kind.GATE_OP and n not in plan.folded_into:
             plan.literals[n] = float(gv[n])
+        elif k == Kind.GATE_FILTER and HEADS in n.meta:
+            head_gates.append(n)
         elif k == Kind.GATE_FILTER and n not in plan.folded_into:
             raise GranularError(f"export: filter gate {n.name} follows neither a layer nor a norm")
         elif n.op == "get_attr" and not str(n.target).startswith(GATE_ROOT):
@@ -256,6 +267,7 @@ def _plan(gm: fx.GraphModule, cache: PlanCache) -> ExportPlan:
                 plan.modules[str(n.target)] = module_of(gm, n, modules)
                 plan.copied.add(str(n.target))
                 plan.module_of_node[n] = str(n.target)
+    plan_heads(gm, plan, head_gates, gv)
     return plan
 
 
@@ -449,6 +461,10 @@ def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
             env[n] = graph.node_copy(n)
         elif n.op == "output":
             graph.output(arg(n.args[0]))
+        elif n in plan.resize:
+            env[n] = build_resized(graph, n, env, plan)
+        elif n in plan.head_masks:
+            env[n] = build_attention(graph, n, env, plan)
         elif n in plan.layers:
             env[n] = graph.call_module(plan.module_of_node[n], (env[plan.layers[n].x],))
         elif k == Kind.BN:

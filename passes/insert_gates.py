@@ -15,6 +15,9 @@ Before/after on one DARTS op (sep_conv's last conv; ``t_*`` are get_attr nodes):
                                          og = self.granular_gates.op.<unit>(fg, t_alpha)
                                          add = add_0 + og
 
+An attention node whose heads are units (``granular.heads``, from ``find_heads``) gets a
+filter gate with one channel per head on its output ``(B, H, N, D)``.
+
 The filter gate follows the layer's BatchNorm when one follows directly (a gate before the
 norm would be cancelled by it in training mode, ``docs/method.md``); the α gate follows the op's
 last node. Gated convs become functional (``torch.conv2d``) so the mask is a visible node.
@@ -31,7 +34,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.gates import GATE_ROOT, FilterGate, GateBank, OpGate, Scope, WeightMask
-from granular.meta import GATE, LAYER, MEMBER, OP_UNIT, SUM, GateInfo, LayerInfo, layer_info
+from granular.meta import GATE, HEADS, LAYER, MEMBER, OP_UNIT, SUM, GateInfo, LayerInfo, layer_info
 from granular.passes._manager import run_passes
 from granular.passes._graph import Kind, find_sums, layer_view, node_kind
 from granular.passes.find_units import sanitize
@@ -74,6 +77,7 @@ class InsertGates(PassBase):
 
         layers = [(n, layer_info(n)) for n in graph.nodes if LAYER in n.meta]
         units = [(n, n.meta[OP_UNIT]) for n in graph.nodes if OP_UNIT in n.meta]
+        attention = [(n, n.meta[HEADS]) for n in graph.nodes if HEADS in n.meta]
 
         # Scopes own the thresholds: one per op unit, one per gated layer outside any unit.
         needs: dict[str, dict[str, bool]] = {}
@@ -84,6 +88,8 @@ class InsertGates(PassBase):
                 d = needs.setdefault(info.scope, {"op": False, "filters": False, "weights": False})
                 d["filters"] |= info.filter_gate
                 d["weights"] |= info.weight_mask
+        for _, head in attention:
+            needs.setdefault(head.scope, {"op": False, "filters": False, "weights": False})["filters"] = True
         for sid, d in needs.items():
             bank.scopes[sid] = Scope(**d)
 
@@ -92,6 +98,12 @@ class InsertGates(PassBase):
             bank.op[unit.id] = OpGate()
             _insert_after(graph, tail, f"{GATE_ROOT}.op.{unit.id}", f"{GATE_ROOT}.scopes.{unit.id}.t_alpha",
                           tail, GateInfo("op", unit.id, unit.id))
+
+        for node, head in attention:  # before the layers' gates: a head key never names a layer
+            bank.filter[head.key] = FilterGate(head.heads)
+            gate = _insert_after(graph, node, f"{GATE_ROOT}.filter.{head.key}",
+                                 f"{GATE_ROOT}.scopes.{head.scope}.t_beta", node, GateInfo("filter", head.key, head.scope))
+            gate.meta[HEADS] = head
 
         for node, info in layers:
             key = sanitize(info.module)
@@ -109,7 +121,8 @@ class InsertGates(PassBase):
 
         for root, sinfo in find_sums(gm).items():
             root.meta[SUM] = sinfo
-        log.info("insert_gates: %d op, %d filter, %d weight gates", len(bank.op), len(bank.filter), len(bank.weight))
+        log.info("insert_gates: %d op, %d filter (%d head), %d weight gates", len(bank.op), len(bank.filter),
+                 len(attention), len(bank.weight))
         return PassResult(gm, True)
 
     @staticmethod

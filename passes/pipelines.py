@@ -1,6 +1,6 @@
 """The pass pipelines the library runs, each a ``PassManager`` run (:mod:`._manager`).
 
-    prepare:         find_units -> insert_gates                       (after trace)
+    prepare:         find_units -> find_heads -> insert_gates         (after trace)
     training graph:  skip_pruned_ops -> [stage_graph] -> fuse_kernels -> fold_gates  (what a search trains)
 
 The training graph is rebuilt whenever op masks change; it shares every module and parameter
@@ -16,6 +16,7 @@ from torch import nn
 
 from granular.config import GateConfig
 from granular.passes._manager import run_passes
+from granular.passes.find_heads import FindHeads
 from granular.passes.find_units import FindUnits
 from granular.passes.fold_gates import FoldGates
 from granular.passes.fuse_kernels import FuseKernels
@@ -35,7 +36,8 @@ fused step is at least as fast as eager."""
 
 def gate_pipeline(gm: fx.GraphModule, config: Optional[GateConfig] = None) -> fx.GraphModule:
     """The traced graph with its units found and gated (``granular.prepare`` after tracing)."""
-    return run_passes(gm, [FindUnits(config or GateConfig()), InsertGates()])
+    config = config or GateConfig()
+    return run_passes(gm, [FindUnits(config), FindHeads(config), InsertGates()])
 
 
 def training_graph(gm: fx.GraphModule, *, kernels: str = "auto", stage: Optional[int] = None,

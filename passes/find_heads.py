@@ -1,0 +1,330 @@
+"""``find_heads``: an analysis pass that finds the heads of attention layers as units.
+
+Requires meta: ``tensor_meta`` and ``granular.member`` (run ``trace`` and ``find_units``).
+Produces meta: ``granular.heads`` (:class:`~granular.meta.HeadUnit`) on each
+``scaled_dot_product_attention`` node whose heads can be removed exactly; ``insert_gates``
+then gives it one filter-level gate per head.
+
+The pattern, as timm's ``Attention`` and ``WindowAttention`` write it (ViT, DeiT, Swin, ...)::
+
+    qkv = linear(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)   # head h: 3 x D rows
+    q, k, v = qkv.unbind(0); q, k = q_norm(q), k_norm(k)
+    o = scaled_dot_product_attention(q, k, v, attn_mask=bias)        # (B, H, N, D)
+    y = proj(o.transpose(1, 2).reshape(B, N, H * D))                 # head h: D columns
+
+Removing head h removes its q/k/v rows from the linears that produce them, its columns from
+``proj``, its slice of a per-head attention mask, and one head from every reshape that
+counts heads (``H -> H'``, ``H * D -> H' * D``, written as literals). Between those linears
+and the attention, and from it to ``proj``, the paths may hold only data movement
+(reshape, view, permute, transpose, unbind, indexing, flatten), identity and dropout
+modules, norms over the last dim (``q_norm``: per head), and scaling by a number, and every
+node on them must be read only by the pattern; anything else leaves the heads whole.
+
+How it knows: each path is replayed on a field of row ids (as the channel analysis replays
+moves on channel ids), which shows the rows of every head at the attention's inputs and
+the columns of every head at ``proj``. The rewrite is then proved on the fields, not
+assumed: replayed with the first or the last head removed and the reshapes resized, the
+fields must equal the originals without that head.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from granular.config import GateConfig
+from granular.meta import HEADS, MEMBER, HeadUnit, tensor_shape
+from granular.passes._channels import shape_args
+from granular.passes._graph import evaluate_scalar, layer_view, shared_layer_paths
+from granular.passes._manager import run_passes
+from granular.passes.find_units import _common_path, sanitize
+
+__all__ = ["FindHeads", "find_heads", "ATTENTION_TARGETS", "resized_args"]
+
+log = logging.getLogger(__name__)
+
+ATTENTION_TARGETS = frozenset({F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention})
+_MOVE_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "unbind", "flatten"}
+_MOVE_FUNCS = {torch.reshape, torch.permute, torch.transpose, torch.unbind, torch.flatten, operator.getitem}
+_SCALE = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
+_RESIZABLE = {"reshape", "view", torch.reshape}
+
+
+def _tensor_input(node: fx.Node) -> Optional[fx.Node]:
+    ins = [a for a in node.args if isinstance(a, fx.Node)]
+    return ins[0] if len(ins) == 1 else None
+
+
+def _src(node: fx.Node, kind: str) -> Optional[fx.Node]:
+    """The input a path node carries the heads from (a move's first argument, a module's
+    input, the tensor a number scales)."""
+    src = node.args[0] if (kind == "move" or node.op == "call_module") and node.args else _tensor_input(node)
+    return src if isinstance(src, fx.Node) else None
+
+
+def _step(node: fx.Node, modules) -> Optional[str]:
+    """``"move"`` (replayed on the field), ``"same"`` (the field passes unchanged: identity,
+    dropout, a per-head norm, scaling by a number) or None (not allowed on a head path)."""
+    if node.op == "call_method" and node.target in _MOVE_METHODS or \
+            node.op == "call_function" and node.target in _MOVE_FUNCS:
+        return "move" if isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, (nn.Identity, nn.Dropout)):
+            return "same"
+        shape = getattr(m, "normalized_shape", None)
+        x = tensor_shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if shape is not None and x and tuple(shape) == (x[-1],):  # LayerNorm / RMSNorm over the last dim
+            return "same"
+        return None
+    if node.op in ("call_function", "call_method") and node.target in _SCALE and not node.kwargs and \
+            len(node.args) == 2 and _tensor_input(node) is not None and \
+            any(isinstance(a, (int, float)) for a in node.args) and \
+            (node.target not in (operator.truediv, torch.div, "div") or isinstance(node.args[0], fx.Node)):
+        return "same"
+    return None
+
+
+def resized_args(node: fx.Node, args: tuple, dim: int, size: int) -> tuple:
+    """``args`` of a reshape/view ``node`` (already mapped) with the size at ``dim`` replaced."""
+    if node.target is torch.reshape:
+        sizes = list(args[1])
+        sizes[dim] = size
+        return (args[0], tuple(sizes))
+    rest = args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        sizes = list(rest[0])
+        sizes[dim] = size
+        return (args[0], tuple(sizes))
+    sizes = list(rest)
+    sizes[dim] = size
+    return (args[0], *sizes)
+
+
+def _replay(nodes: list[fx.Node], env: dict, modules, resize: Optional[dict] = None) -> dict:
+    """Run ``nodes`` (graph order) on fields; ``env`` holds the fields of their inputs."""
+    for n in nodes:
+        kind = _step(n, modules)
+        if kind == "same":
+            env[n] = env[_src(n, kind)]
+            continue
+        args = fx.node.map_arg(n.args, lambda a: env[a] if a in env else evaluate_scalar(a))
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a] if a in env else evaluate_scalar(a))
+        if resize and n in resize:
+            args = resized_args(n, args, *resize[n])
+        fn = n.target if n.op == "call_function" else getattr(torch.Tensor, n.target)
+        env[n] = fn(*args, **kwargs)
+    return env
+
+
+def _back(node: fx.Node, gm, modules, shared) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """The linear layer that produces an attention input, and the nodes between them."""
+    path, cur = [], node
+    while True:
+        lv = layer_view(gm, cur, modules)
+        if lv is not None:
+            return (cur, path) if lv.kind == "linear" and lv.path not in shared else None
+        kind = _step(cur, modules)
+        src = _src(cur, kind) if kind is not None else None
+        if src is None:
+            return None
+        path.append(cur)
+        cur = src
+
+
+def _forward(node: fx.Node, gm, modules, shared) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """The linear layer that reads the attention's output, and the nodes between them."""
+    path, cur = [], node
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        lv = layer_view(gm, u, modules)
+        if lv is not None:
+            return (u, path) if lv.kind == "linear" and lv.x is cur and lv.path not in shared else None
+        kind = _step(u, modules)
+        if kind is None or _src(u, kind) is not cur:
+            return None
+        path.append(u)
+        cur = u
+
+
+def _field(shape, ids: torch.Tensor) -> torch.Tensor:
+    return ids.to(torch.float64).expand(tuple(shape)).clone()
+
+
+def _head_dims(field: torch.Tensor, heads: int) -> Optional[list[tuple[int, int]]]:
+    """(dim, units per head) of the dims along which a head-id field varies; None when a dim
+    mixes heads with something else (its size is not a multiple of the heads)."""
+    out = []
+    for d in range(field.dim()):
+        f = field.movedim(d, 0).reshape(field.shape[d], -1)
+        if bool((f == f[:1]).all()):
+            continue  # constant along d
+        if field.shape[d] % heads:
+            return None
+        out.append((d, field.shape[d] // heads))
+    return out
+
+
+def analyze_attention(gm: fx.GraphModule, attn: fx.Node, modules, shared) -> Optional[HeadUnit]:
+    """The :class:`HeadUnit` of one attention node, or None when its heads must stay whole."""
+    if attn.kwargs.get("enable_gqa") or len(attn.args) > 3 and attn.args[3] is not None and \
+            not isinstance(attn.args[3], fx.Node):
+        return None
+    qkv = list(attn.args[:3])
+    shapes = [tensor_shape(a) if isinstance(a, fx.Node) else None for a in qkv]
+    if any(s is None or len(s) != 4 for s in shapes) or len({s[1] for s in shapes}) != 1:
+        return None
+    heads = shapes[0][1]
+    mask = attn.kwargs.get("attn_mask", attn.args[3] if len(attn.args) > 3 else None)
+    mask_dim = None
+    if isinstance(mask, fx.Node):
+        ms = tensor_shape(mask)
+        if ms is None:
+            return None
+        if len(ms) >= 3 and ms[-3] == heads and heads > 1:
+            mask_dim = len(ms) - 3
+        elif len(ms) >= 3 and ms[-3] != 1:
+            return None
+    backs = [_back(a, gm, modules, shared) for a in qkv]
+    fwd = _forward(attn, gm, modules, shared)
+    if any(b is None for b in backs) or fwd is None or heads < 2:
+        return None
+    producers = list(dict.fromkeys(b[0] for b in backs))
+    path_in = set(n for b in backs for n in b[1])
+    proj, path_out = fwd
+    if any(u not in path_in for p in producers for u in p.users) or \
+            any(u not in path_in and u is not attn for n in path_in for u in n.users):
+        return None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    path_in_l = sorted(path_in, key=order.__getitem__)
+    try:
+        return _prove(gm, attn, heads, mask_dim, producers, path_in_l, proj, path_out, modules)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a path we cannot replay
+        log.debug("find_heads: %s kept whole (%s)", attn.name, e)
+        return None
+
+
+def _prove(gm, attn, heads, mask_dim, producers, path_in, proj, path_out, modules) -> Optional[HeadUnit]:
+    # 1. Rows of each head: replay the producers' row ids to the attention's inputs.
+    starts, offset = {}, 0
+    for p in producers:
+        width = tensor_shape(p)[-1]
+        starts[p] = (offset, width)
+        offset += width
+    env = {p: _field(tensor_shape(p), torch.arange(o + 1, o + w + 1)) for p, (o, w) in starts.items()}
+    env = _replay(path_in, env, modules)
+    qkv = [env[a] for a in attn.args[:3]]
+    rows: list[set[int]] = [set() for _ in range(heads)]
+    for f in qkv:
+        for h in range(heads):
+            rows[h].update(int(v) - 1 for v in torch.unique(f[:, h]).tolist())
+    if any(not r for r in rows) or sum(len(r) for r in rows) != len(set().union(*rows)) or \
+            any(v < 0 for r in rows for v in r):
+        return None
+    # 2. Columns of each head at proj: replay (head, position) ids from the attention output.
+    out_shape = tensor_shape(attn)
+    per = out_shape[-1]
+    o_ids = torch.arange(1, heads * per + 1).view(1, heads, 1, per)
+    env_out = _replay(path_out, {attn: _field(out_shape, o_ids)}, modules)
+    p_in = env_out[path_out[-1]] if path_out else env_out[attn]
+    cols_f = p_in.reshape(-1, p_in.shape[-1])
+    if not bool((cols_f.min(0).values == cols_f.max(0).values).all()):
+        return None
+    col_ids = [int(v) - 1 for v in cols_f[0].tolist()]
+    cols = [[c for c, i in enumerate(col_ids) if i // per == h] for h in range(heads)]
+    if any(not c for c in cols) or sorted(col_ids) != list(range(heads * per)):
+        return None
+    # 3. The reshapes that count heads, from head-id fields.
+    head_of_row = torch.zeros(offset + 1, dtype=torch.float64)
+    for h, r in enumerate(rows):
+        head_of_row[torch.tensor(sorted(r)) + 1] = h + 1
+    env_h = {p: head_of_row[env[p].long()] for p in producers}
+    env_h = _replay(path_in, env_h, modules)
+    env_h.update(_replay(path_out, {attn: _field(out_shape, torch.arange(1, heads + 1).view(1, heads, 1, 1))},
+                         modules))
+    for n in path_in + path_out:  # a norm over the last dim must see one head at a time
+        if n.op == "call_module" and not isinstance(modules[n.target], (nn.Identity, nn.Dropout)):
+            f = env_h[n.args[0]]
+            if not bool((f == f[..., :1]).all()):
+                return None
+    resizes = []
+    for n in path_in + path_out:
+        if not (n.target in _RESIZABLE and isinstance(env_h[n], torch.Tensor)):
+            continue
+        dims = _head_dims(env_h[n], heads)
+        if dims is None or len(dims) > 1:
+            return None
+        for d, units in dims:
+            if d >= len(shape_args(n)):
+                return None
+            if shape_args(n)[d] != -1:
+                resizes.append((n, d, units))
+    # 4. Proof: without the first (or the last) head, the fields are the originals without it.
+    for drop in {0, heads - 1}:
+        keep = [h for h in range(heads) if h != drop]
+        resize = {n: (d, units * len(keep)) for n, d, units in resizes}
+        kept_rows = set().union(*(rows[h] for h in keep))
+        env_k = {}
+        for p, (o, w) in starts.items():
+            ids = [o + i + 1 for i in range(w) if (o + i) in kept_rows or not any((o + i) in r for r in rows)]
+            env_k[p] = _field(tensor_shape(p)[:-1] + (len(ids),), torch.tensor(ids))
+        env_k = _replay(path_in, env_k, modules, resize)
+        if any(not torch.equal(env_k[a], env[a][:, keep]) for a in attn.args[:3]):
+            return None
+        o_k = o_ids[:, keep]
+        env_o = _replay(path_out, {attn: _field(out_shape[:1] + (len(keep),) + out_shape[2:], o_k)}, modules, resize)
+        got = env_o[path_out[-1]] if path_out else env_o[attn]
+        want_cols = [c for h in keep for c in cols[h]]
+        if not torch.equal(got, p_in[..., sorted(want_cols)]):
+            return None
+    lv_paths = [layer_view(gm, p, modules).path for p in producers]
+    proj_path = layer_view(gm, proj, modules).path
+    path = _common_path(lv_paths + [proj_path])
+    key = f"{sanitize(path) if path else attn.name}_heads"
+    per_layer = []
+    for p, path_p in zip(producers, lv_paths):
+        o, w = starts[p]
+        per_layer.append((path_p, tuple(tuple(sorted(r - o for r in rows[h] if o <= r < o + w))
+                                        for h in range(heads))))
+    return HeadUnit(key=key, scope=attn.meta.get(MEMBER) or key, heads=heads, rows=tuple(per_layer),
+                    proj=proj_path, cols=tuple(tuple(c) for c in cols),
+                    resizes=tuple((n.name, d, u) for n, d, u in resizes), mask_dim=mask_dim)
+
+
+class FindHeads(PassBase):
+    """Analysis: mark the attention nodes whose heads are units (``granular.heads``)."""
+
+    def __init__(self, config: GateConfig | None = None):
+        self.config = config or GateConfig()
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        for n in gm.graph.nodes:
+            n.meta.pop(HEADS, None)
+        if not (self.config.filter_gates and self.config.head_gates):
+            return PassResult(gm, False)
+        modules = dict(gm.named_modules())
+        shared = shared_layer_paths(gm, modules)
+        found = 0
+        for n in list(gm.graph.nodes):
+            if n.op == "call_function" and n.target in ATTENTION_TARGETS:
+                unit = analyze_attention(gm, n, modules, shared)
+                if unit is not None:
+                    n.meta[HEADS] = unit
+                    found += 1
+        log.info("find_heads: %d attention layers with head units", found)
+        return PassResult(gm, False)
+
+
+def find_heads(gm: fx.GraphModule, config: GateConfig | None = None) -> fx.GraphModule:
+    """Functional form of :class:`FindHeads`; returns ``gm`` (annotated in place)."""
+    return run_passes(gm, [FindHeads(config)])

@@ -1,0 +1,146 @@
+"""find_heads and head export: attention heads are units, and zero heads leave exactly."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import granular
+from granular.config import GateConfig
+from granular.meta import HEADS
+from granular.testing import check_export, random_masks_
+
+
+class _Attention(nn.Module):
+    """timm's ``Attention`` written out: fused qkv, per-head q/k norms, sdpa, proj; ``mask``
+    adds a learned per-head bias (as Swin's relative position bias); ``mix`` puts a norm over
+    all heads before proj (heads then stay whole); ``separate`` uses one linear per role."""
+
+    def __init__(self, dim=24, heads=4, mask=False, mix=False, separate=False):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.separate = separate
+        if separate:
+            self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm = nn.LayerNorm(self.d), nn.Identity()
+        self.bias = nn.Parameter(torch.randn(1, heads, 6, 6)) if mask else None
+        self.norm = nn.LayerNorm(dim) if mix else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        if self.separate:
+            q, k, v = (lin(x).view(B, N, self.h, self.d).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        else:
+            qkv = self.qkv(x).reshape(B, N, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        o = F.scaled_dot_product_attention(q * 1.0, k, v, attn_mask=self.bias)
+        return self.proj(self.norm(o.transpose(1, 2).reshape(B, N, C)))
+
+
+class _Block(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.norm = nn.LayerNorm(24)
+        self.attn = _Attention(**kw)
+        self.fc = nn.Linear(24, 24)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return x + self.fc(x).relu()
+
+
+class _Net(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.embed = nn.Linear(5, 24)
+        self.blocks = nn.Sequential(_Block(**kw), _Block(**kw))
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+def _units(gm):
+    return [n.meta[HEADS] for n in gm.graph.nodes if HEADS in n.meta and n.op == "call_module"]
+
+
+def test_heads_are_found_with_their_rows_columns_and_reshapes():
+    gm = granular.prepare(_Net().eval(), torch.randn(2, 6, 5))
+    units = _units(gm)
+    assert [u.key for u in units] == ["blocks_0_attn_heads", "blocks_1_attn_heads"]
+    u = units[0]
+    assert u.heads == 4 and u.proj == "blocks.0.attn.proj"
+    (path, rows), = u.rows
+    assert path == "blocks.0.attn.qkv"
+    assert rows[1] == tuple(range(6, 12)) + tuple(range(30, 36)) + tuple(range(54, 60))  # q, k, v of head 1
+    assert u.cols[1] == tuple(range(6, 12))
+    assert sorted(d for _, d, _ in u.resizes) == [2, 3]  # (B, N, 3, H, D) at dim 3; (B, N, H*D) at dim 2
+    assert u.scope == "blocks_0"  # the attention branch (norm -> attn) is an op unit; it owns the thresholds
+    assert all(isinstance(gm.granular_gates.filter[u.key].beta, nn.Parameter) for u in units)
+
+
+@pytest.mark.parametrize("kw", [{}, {"mask": True}, {"separate": True}], ids=["fused", "mask", "separate"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zero_heads_export_exactly_and_leave_the_compact_model(kw, seed):
+    torch.manual_seed(seed)
+    model, x = _Net(**kw).eval(), torch.randn(3, 6, 5)
+    result = check_export(model, x, seed=seed)  # random masks at every granularity, heads included
+    assert result.rel_err < 1e-4 and result.counted == result.exported, result.reason
+    gm = granular.prepare(model, x[:2])
+    random_masks_(gm, op=0.0, filter=0.0, weight=0.0, seed=seed)
+    gates = gm.granular_gates.filter
+    gates["blocks_0_attn_heads"].mask.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    gates["blocks_1_attn_heads"].mask.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    gm.eval()
+    compact = granular.export(gm)
+    torch.testing.assert_close(compact(x), gm(x), rtol=1e-5, atol=1e-6)
+    count = granular.count_params(gm)
+    assert count.total == sum(p.numel() for p in compact.parameters())
+    sub = compact.get_submodule
+    proj0, proj1 = sub("blocks.0.attn.proj"), sub("blocks.1.attn.proj")
+    assert (proj0.in_features, proj1.in_features) == (12, 6)  # 2 heads kept; 1 (zero-scaled) of none
+    if kw.get("separate"):
+        assert sub("blocks.0.attn.q").out_features == 12
+    else:
+        assert sub("blocks.0.attn.qkv").out_features == 36
+    if kw.get("mask"):
+        assert "getitem" in compact.code  # the per-head bias is cut to the kept heads
+
+
+def test_a_norm_over_all_heads_keeps_them_whole():
+    gm = granular.prepare(_Net(mix=True).eval(), torch.randn(2, 6, 5))
+    assert _units(gm) == []
+
+
+def test_head_gates_follow_the_config_and_train():
+    model, x = _Net().eval(), torch.randn(2, 6, 5)
+    assert _units(granular.prepare(model, x, GateConfig(head_gates=False))) == []
+    assert _units(granular.prepare(model, x, GateConfig(filter_gates=False))) == []
+    gm = granular.prepare(model, x)
+    gm.train()
+    gm(x).square().sum().backward()
+    gate = gm.granular_gates.filter["blocks_0_attn_heads"]
+    assert gate.beta.grad is not None and bool(gate.beta.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_timm_vits_prune_heads_exactly(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, img_size=32, patch_size=8, depth=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for seed in (0, 1):
+        assert check_export(model, x, seed=seed).ok
+    gm = granular.prepare(model, x[:1])
+    assert len(_units(gm)) == 3
+    random_masks_(gm, op=0.0, filter=0.5, weight=0.2, seed=4)
+    gm.eval()
+    compact = granular.export(gm)
+    torch.testing.assert_close(compact(x), gm(x), rtol=1e-4, atol=1e-5)
+    kept = [int(gm.granular_gates.filter[f"blocks_{i}_attn_heads"].mask.sum()) for i in range(3)]
+    heads = [compact.get_submodule(f"blocks.{i}.attn.proj").in_features // 64 for i in range(3)]
+    assert heads == [max(k, 1) for k in kept] and sum(heads) < 9
