@@ -57,6 +57,7 @@ class Row:
     exported: int = 0
     op_units: int = 0
     filters: int = 0
+    heads: int = 0       # of the filters, attention heads (find_heads)
     seconds: float = 0.0
     kept_whole: str = ""
     formats: dict = None   # format -> "" (runs back equal) or why not; checked on the first check only
@@ -151,6 +152,7 @@ def run_one(spec: str, family: str, timeout: int, auto_leaf: bool, seeds=SEEDS, 
             if seed == seeds[0]:
                 row.original, row.exported = res.original, res.exported.total if res.exported else 0
                 row.op_units, row.filters = res.units.get("op", 0), res.units.get("filter", 0)
+                row.heads = res.units.get("head", 0)
                 row.kept_whole = ", ".join(sorted(set(res.auto_leaves)))
             row.formats.update(res.formats)
         if res is not None and res.ok:
@@ -180,15 +182,16 @@ def to_markdown(rows: list[Row], summary: list[str], command: str, seeds=SEEDS, 
              "export, the export is smaller than the original, and the saved export reloads (without",
              "the original class) and computes the same. `checks` counts the passing (seed, head) pairs;",
              "the error is the largest over them; sizes are those of the last head with the first seed.",
+             "`filters` counts every filter-level unit, `heads` the attention heads among them.",
              "`onnx` and `pt2`: the compact model of the first check written with `granular.save(format=...)`,",
              "run back (onnxruntime; `torch.export.load`) and equal to it to 1e-4 relative (`-`: not run).", ""]
     lines += [f"- {s}" for s in summary] + [""]
-    lines += ["| model | family | pass | checks | rel. error | params | exported | op units | filters | kept whole | "
-              "onnx | pt2 | reason |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | family | pass | checks | rel. error | params | exported | op units | filters | heads | "
+              "kept whole | onnx | pt2 | reason |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r.spec}` | {r.family} | {'yes' if r.ok else 'no'} | {r.checks} | {r.rel_err:.1e} | "
-                     f"{r.original:,} | {r.exported:,} | {r.op_units} | {r.filters:,} | {r.kept_whole} | "
+                     f"{r.original:,} | {r.exported:,} | {r.op_units} | {r.filters:,} | {r.heads:,} | {r.kept_whole} | "
                      f"{_fmt(r, 'onnx')} | {_fmt(r, 'pt2')} | {r.reason.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 

@@ -17,7 +17,7 @@ from torch import nn
 from granular.accounting import ParamCount, count_params
 from granular.api import prepare
 from granular.gates import GATE_ROOT
-from granular.meta import LAYER, MEMBER
+from granular.meta import HEADS, LAYER, MEMBER
 from granular.passes.trace import AUTO_LEAVES
 from granular.masks import gate_units, reachable_floor
 
@@ -30,7 +30,8 @@ class Inspection:
 
     Attributes:
         total: the model's parameters.
-        units: gated units per granularity (``op``, ``filter``, ``weight``).
+        units: gated units per granularity (``op``, ``filter``, ``weight``; ``head``: the
+            filter-level units that are attention heads).
         prunable: parameters in gated layers or operation units.
         now: ``count_params`` of the gated graph with every gate open.
         floor: the smallest count pruning can reach.
@@ -59,10 +60,12 @@ def _owner(node: fx.Node) -> str | None:
     return None
 
 
-def inspect_model(model: nn.Module, example_inputs, *, leaf_modules=(), auto_leaf: bool = True) -> Inspection:
-    """Trace and gate ``model`` and describe its units (see module docstring)."""
+def inspect_model(model: nn.Module, example_inputs, *, leaf_modules=(), auto_leaf: bool = True,
+                  config=None) -> Inspection:
+    """Trace and gate ``model`` (``config``: a :class:`~granular.config.GateConfig`) and
+    describe its units (see module docstring)."""
     total = sum(p.numel() for p in model.parameters())
-    gm = prepare(model, example_inputs, leaf_modules=leaf_modules, auto_leaf=auto_leaf)
+    gm = prepare(model, example_inputs, config, leaf_modules=leaf_modules, auto_leaf=auto_leaf)
     params = {name: sum(p.numel() for p in m.parameters(recurse=False)) for name, m in gm.named_modules()}
     gated: set[str] = set()
     unit_modules: dict[str, set[str]] = {}
@@ -70,6 +73,9 @@ def inspect_model(model: nn.Module, example_inputs, *, leaf_modules=(), auto_lea
         info = n.meta.get(LAYER)
         if info is not None and (info.filter_gate or info.weight_mask):
             gated.add(info.module)
+        if HEADS in n.meta:
+            gated.update(path for path, _ in n.meta[HEADS].rows)
+            gated.add(n.meta[HEADS].proj)
         owner = _owner(n)
         if n.meta.get(MEMBER) and owner and not owner.startswith(GATE_ROOT):
             unit_modules.setdefault(n.meta[MEMBER], set()).add(owner)

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from granular.errors import GranularError
 from granular.gates import GATE_ROOT, GateBank
-from granular.meta import GATE, SUM
+from granular.meta import GATE, HEADS, SUM
 
 __all__ = ["gate_bank", "mask_buffers", "protect_last_ops_", "reachable_floor", "retention", "unit_counts",
            "gate_units", "threshold_means"]
@@ -149,10 +149,12 @@ def unit_counts(gm_or_bank) -> dict[str, int]:
 
 
 def gate_units(gm: fx.GraphModule) -> dict[str, int]:
-    """How many units each granularity gates (kept or not): op units, filters, weights."""
+    """How many units each granularity gates (kept or not): op units, filters (β units:
+    channels and attention heads), weights, and ``head``: the β units that are heads."""
     bank = gate_bank(gm)
+    heads = sum(n.meta[HEADS].heads for n in gm.graph.nodes if HEADS in n.meta and n.op == "call_module")
     return {"op": len(bank.op), "filter": sum(m.mask.numel() for m in bank.filter.values()),
-            "weight": sum(m.mask.numel() for m in bank.weight.values())}
+            "weight": sum(m.mask.numel() for m in bank.weight.values()), "head": heads}
 
 
 def threshold_means(gm: fx.GraphModule) -> dict[str, float]:

@@ -113,8 +113,8 @@ class HeadUnit:
         cols: that layer's input columns of each head.
         resizes: (node name, argument dim, units per head) of every reshape between those
             layers whose size at that dim counts heads: it becomes units per head x kept heads.
-        mask_dim: the dim of the attention mask that indexes heads (None: no mask, or one
-            that broadcasts over heads).
+        masks: (node name, argument index or keyword, dim) of every attention mask or bias
+            that holds one slice per head: export cuts it to the kept heads.
     """
 
     key: str
@@ -124,7 +124,7 @@ class HeadUnit:
     proj: str
     cols: tuple[tuple[int, ...], ...]
     resizes: tuple[tuple[str, int, int], ...]
-    mask_dim: Optional[int] = None
+    masks: tuple[tuple[str, object, int], ...] = ()
 
 
 def _get(node: fx.Node, key: str, producer: str):

@@ -4,7 +4,7 @@ registered search space.
 A ``model.py`` may define its model as a function or an ``nn.Module`` subclass. Without
 ``:callable``, granular looks for, in order: ``model``, ``build_model``, ``create_model``,
 ``get_model``, ``Model``, ``Net``; then the only ``nn.Module`` subclass defined in the file.
-Builders that accept ``num_classes`` / ``in_channels`` get the data set's values.
+Builders that accept ``num_classes`` / ``in_channels`` / ``image_size`` get the data set's values.
 
 Zoo models (``timm:NAME``, ``torchvision:NAME``) are built with random weights
 (``pretrained=False`` / ``weights=None``): nothing is downloaded, so a spec resolves on an
@@ -105,6 +105,8 @@ def build_model(spec: str, *, num_classes: int, in_channels: int, image_size: in
             kwargs["num_classes"] = num_classes
         if "in_channels" in params:
             kwargs["in_channels"] = in_channels
+        if "image_size" in params and image_size is not None:
+            kwargs["image_size"] = image_size
         try:
             model = fn(**kwargs)
         except Exception as err:  # noqa: BLE001

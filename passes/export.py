@@ -45,7 +45,7 @@ from granular.passes._channels import (ChannelAnalysis, shape_args, analyze_chan
                                        index_entry_for_dim)
 from granular.passes._graph import Kind, LayerView, layer_view, module_of
 from granular.passes._manager import run_passes
-from granular.passes.export_heads import build_attention, build_resized, plan_heads
+from granular.passes.export_heads import build_masked, build_resized, plan_heads
 
 __all__ = ["ExportPlan", "FoldedLayer", "PlanCache", "plan_export", "build_export", "Export", "export_graph"]
 
@@ -67,7 +67,8 @@ class ExportPlan:
         layers: every conv/linear node that stays, sliced or kept whole.
         attrs: get_attr tensors carried over (user buffers/parameters).
         resize: reshapes that count attention heads -> (dim, new size).
-        head_masks: attention nodes whose per-head mask is cut -> (mask dim, kept heads).
+        head_masks: attention nodes (or score additions) whose per-head mask is cut ->
+            (argument index or keyword, mask dim, kept heads).
     """
 
     alive: set[fx.Node]
@@ -83,7 +84,7 @@ class ExportPlan:
     attrs: dict[str, torch.Tensor] = field(default_factory=dict)
     copied: set[str] = field(default_factory=set)   # modules taken over unchanged (deep-copied on build)
     resize: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)
-    head_masks: dict[fx.Node, tuple[int, list[int]]] = field(default_factory=dict)
+    head_masks: dict[fx.Node, tuple[object, int, list[int]]] = field(default_factory=dict)
 
     def parameters(self):
         """The parameters the exported module will have."""
@@ -464,7 +465,7 @@ def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
         elif n in plan.resize:
             env[n] = build_resized(graph, n, env, plan)
         elif n in plan.head_masks:
-            env[n] = build_attention(graph, n, env, plan)
+            env[n] = build_masked(graph, n, env, plan)
         elif n in plan.layers:
             env[n] = graph.call_module(plan.module_of_node[n], (env[plan.layers[n].x],))
         elif k == Kind.BN:

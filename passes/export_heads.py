@@ -25,7 +25,7 @@ from granular.errors import GranularError
 from granular.meta import HEADS
 from granular.passes.find_heads import resized_args
 
-__all__ = ["plan_heads", "build_resized", "build_attention"]
+__all__ = ["plan_heads", "build_resized", "build_masked"]
 
 
 def _tensors(plan, path: str):
@@ -69,8 +69,9 @@ def plan_heads(gm: fx.GraphModule, plan, gates: list[fx.Node], gv: dict) -> None
                                               (w[:, index] * scale).contiguous(), b)
         for name, dim, units in unit.resizes:
             plan.resize[by_name[name]] = (dim, units * len(keep))
-        if unit.mask_dim is not None and len(keep) < unit.heads:
-            plan.head_masks[attn] = (unit.mask_dim, keep)
+        if len(keep) < unit.heads:
+            for name, key, dim in unit.masks:
+                plan.head_masks[by_name[name]] = (key, dim, keep)
 
 
 def build_resized(graph: fx.Graph, n: fx.Node, env: dict, plan) -> fx.Node:
@@ -82,16 +83,18 @@ def build_resized(graph: fx.Graph, n: fx.Node, env: dict, plan) -> fx.Node:
     return graph.call_function(n.target, args, fx.node.map_arg(n.kwargs, lambda a: env[a]))
 
 
-def build_attention(graph: fx.Graph, n: fx.Node, env: dict, plan) -> fx.Node:
-    """The attention node with its per-head mask cut to the kept heads."""
-    dim, keep = plan.head_masks[n]
-    mask_node = n.kwargs["attn_mask"] if "attn_mask" in n.kwargs else n.args[3]
+def build_masked(graph: fx.Graph, n: fx.Node, env: dict, plan) -> fx.Node:
+    """An attention node (or a score addition) with its per-head mask cut to the kept heads."""
+    key, dim, keep = plan.head_masks[n]
+    mask_node = n.kwargs[key] if isinstance(key, str) else n.args[key]
     index = (slice(None),) * dim + (list(keep),)
     cut = graph.call_function(operator.getitem, (env[mask_node], index))
-    args = fx.node.map_arg(n.args, lambda a: env[a])
+    args = list(fx.node.map_arg(n.args, lambda a: env[a]))
     kwargs = dict(fx.node.map_arg(n.kwargs, lambda a: env[a]))
-    if "attn_mask" in n.kwargs:
-        kwargs["attn_mask"] = cut
+    if isinstance(key, str):
+        kwargs[key] = cut
     else:
-        args = args[:3] + (cut,) + args[4:]
-    return graph.call_function(n.target, args, kwargs)
+        args[key] = cut
+    if n.op == "call_method":
+        return graph.call_method(n.target, tuple(args), kwargs)
+    return graph.call_function(n.target, tuple(args), kwargs)

@@ -30,6 +30,7 @@ fields must equal the originals without that head.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from typing import Optional
 
@@ -41,16 +42,16 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.config import GateConfig
 from granular.meta import HEADS, MEMBER, HeadUnit, tensor_shape
+from granular.passes._attention import Core, find_core
 from granular.passes._channels import shape_args
 from granular.passes._graph import evaluate_scalar, layer_view, shared_layer_paths
 from granular.passes._manager import run_passes
 from granular.passes.find_units import _common_path, sanitize
 
-__all__ = ["FindHeads", "find_heads", "ATTENTION_TARGETS", "resized_args"]
+__all__ = ["FindHeads", "find_heads", "resized_args"]
 
 log = logging.getLogger(__name__)
 
-ATTENTION_TARGETS = frozenset({F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention})
 _MOVE_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "unbind", "flatten"}
 _MOVE_FUNCS = {torch.reshape, torch.permute, torch.transpose, torch.unbind, torch.flatten, operator.getitem}
 _SCALE = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
@@ -108,9 +109,14 @@ def resized_args(node: fx.Node, args: tuple, dim: int, size: int) -> tuple:
     return (args[0], *sizes)
 
 
-def _replay(nodes: list[fx.Node], env: dict, modules, resize: Optional[dict] = None) -> dict:
-    """Run ``nodes`` (graph order) on fields; ``env`` holds the fields of their inputs."""
+def _replay(nodes: list[fx.Node], env: dict, modules, resize: Optional[dict] = None,
+            same: Optional[dict] = None) -> dict:
+    """Run ``nodes`` (graph order) on fields; ``env`` holds the fields of their inputs;
+    ``same`` maps nodes that pass a field on unchanged to that field's node."""
     for n in nodes:
+        if same and n in same:
+            env[n] = env[same[n]]
+            continue
         kind = _step(n, modules)
         if kind == "same":
             env[n] = env[_src(n, kind)]
@@ -175,47 +181,87 @@ def _head_dims(field: torch.Tensor, heads: int) -> Optional[list[tuple[int, int]
     return out
 
 
-def analyze_attention(gm: fx.GraphModule, attn: fx.Node, modules, shared) -> Optional[HeadUnit]:
-    """The :class:`HeadUnit` of one attention node, or None when its heads must stay whole."""
-    if attn.kwargs.get("enable_gqa") or len(attn.args) > 3 and attn.args[3] is not None and \
-            not isinstance(attn.args[3], fx.Node):
-        return None
-    qkv = list(attn.args[:3])
-    shapes = [tensor_shape(a) if isinstance(a, fx.Node) else None for a in qkv]
+def analyze_attention(gm: fx.GraphModule, core: Core, modules, shared) -> Optional[HeadUnit]:
+    """The :class:`HeadUnit` of one attention core, or None when its heads must stay whole."""
+    shapes = [tensor_shape(a) for a in core.inputs] + [tensor_shape(core.out)]
     if any(s is None or len(s) != 4 for s in shapes) or len({s[1] for s in shapes}) != 1:
         return None
     heads = shapes[0][1]
-    mask = attn.kwargs.get("attn_mask", attn.args[3] if len(attn.args) > 3 else None)
-    mask_dim = None
-    if isinstance(mask, fx.Node):
-        ms = tensor_shape(mask)
-        if ms is None:
-            return None
-        if len(ms) >= 3 and ms[-3] == heads and heads > 1:
-            mask_dim = len(ms) - 3
-        elif len(ms) >= 3 and ms[-3] != 1:
-            return None
-    backs = [_back(a, gm, modules, shared) for a in qkv]
-    fwd = _forward(attn, gm, modules, shared)
+    backs = [_back(a, gm, modules, shared) for a in core.inputs]
+    fwd = _forward(core.out, gm, modules, shared)
     if any(b is None for b in backs) or fwd is None or heads < 2:
         return None
     producers = list(dict.fromkeys(b[0] for b in backs))
     path_in = set(n for b in backs for n in b[1])
-    proj, path_out = fwd
+    readers = path_in | {core.out, core.scores}
     if any(u not in path_in for p in producers for u in p.users) or \
-            any(u not in path_in and u is not attn for n in path_in for u in n.users):
+            any(u not in readers for n in path_in for u in n.users):
         return None
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     path_in_l = sorted(path_in, key=order.__getitem__)
     try:
-        return _prove(gm, attn, heads, mask_dim, producers, path_in_l, proj, path_out, modules)
+        return _prove(gm, core, heads, producers, path_in_l, fwd, modules)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a path we cannot replay
-        log.debug("find_heads: %s kept whole (%s)", attn.name, e)
+        log.debug("find_heads: %s kept whole (%s)", core.out.name, e)
         return None
 
 
-def _prove(gm, attn, heads, mask_dim, producers, path_in, proj, path_out, modules) -> Optional[HeadUnit]:
-    # 1. Rows of each head: replay the producers' row ids to the attention's inputs.
+def _heads_at_dim1(shape, heads: int) -> torch.Tensor:
+    return _field(shape, torch.arange(1, heads + 1, dtype=torch.float64).view(1, heads, 1, 1))
+
+
+def _prove_core(core: Core, heads: int, modules) -> Optional[tuple[list, list]]:
+    """The explicit form's reshapes that count heads and every mask's head dim, proved like
+    the paths: (resizes, masks) or None. sdpa's scores are implicit, heads at dim 1."""
+    if core.scores is None:
+        masks = []
+        for node, key in core.masks:
+            ms = tensor_shape(node.kwargs[key] if isinstance(key, str) else node.args[key])
+            rel = len(ms) - 3
+            if rel >= 0 and ms[rel] == heads:
+                masks.append((node, key, rel))
+            elif rel >= 0 and ms[rel] != 1:
+                return None
+        return [], masks
+    s_shape = tensor_shape(core.scores)
+    probs = core.chain[-1]
+    env_h = _replay(core.chain, {core.scores: _heads_at_dim1(s_shape, heads)}, modules, same=core.same)
+    if not torch.equal(env_h[probs], _heads_at_dim1(tensor_shape(probs), heads)):
+        return None
+    resizes = []
+    for n in core.chain:
+        if n not in core.same:
+            dims = _head_dims(env_h[n], heads)
+            if dims is None or len(dims) > 1:
+                return None
+            resizes += [(n, d, u) for d, u in dims if shape_args(n)[d] != -1]
+    masks = []
+    for node, key in core.masks:
+        dims = _head_dims(env_h[core.same[node]], heads)
+        if not dims or len(dims) > 1:
+            return None
+        (d, units), = dims
+        ms = tensor_shape(node.args[key])
+        rel = d - (len(tensor_shape(node)) - len(ms))
+        if rel >= 0 and ms[rel] != 1:
+            if ms[rel] != heads or units != 1:
+                return None
+            masks.append((node, key, rel))
+    ids = _field(s_shape, torch.arange(1, math.prod(s_shape) + 1, dtype=torch.float64).view(s_shape))
+    want = _replay(core.chain, {core.scores: ids}, modules, same=core.same)[probs]
+    for drop in {0, heads - 1}:
+        keep = [h for h in range(heads) if h != drop]
+        resize = {n: (d, u * len(keep)) for n, d, u in resizes}
+        got = _replay(core.chain, {core.scores: ids[:, keep]}, modules, resize, same=core.same)[probs]
+        if not torch.equal(got, want[:, keep]):
+            return None
+    return resizes, masks
+
+
+def _prove(gm, core: Core, heads, producers, path_in, fwd, modules) -> Optional[HeadUnit]:
+    proj, path_out = fwd
+    out = core.out
+    # 1. Rows of each head: replay the producers' row ids to the core's inputs.
     starts, offset = {}, 0
     for p in producers:
         width = tensor_shape(p)[-1]
@@ -223,20 +269,19 @@ def _prove(gm, attn, heads, mask_dim, producers, path_in, proj, path_out, module
         offset += width
     env = {p: _field(tensor_shape(p), torch.arange(o + 1, o + w + 1)) for p, (o, w) in starts.items()}
     env = _replay(path_in, env, modules)
-    qkv = [env[a] for a in attn.args[:3]]
     rows: list[set[int]] = [set() for _ in range(heads)]
-    for f in qkv:
+    for a in core.inputs:
         for h in range(heads):
-            rows[h].update(int(v) - 1 for v in torch.unique(f[:, h]).tolist())
+            rows[h].update(int(v) - 1 for v in torch.unique(env[a][:, h]).tolist())
     if any(not r for r in rows) or sum(len(r) for r in rows) != len(set().union(*rows)) or \
             any(v < 0 for r in rows for v in r):
         return None
-    # 2. Columns of each head at proj: replay (head, position) ids from the attention output.
-    out_shape = tensor_shape(attn)
+    # 2. Columns of each head at proj: replay (head, position) ids from the core's output.
+    out_shape = tensor_shape(out)
     per = out_shape[-1]
     o_ids = torch.arange(1, heads * per + 1).view(1, heads, 1, per)
-    env_out = _replay(path_out, {attn: _field(out_shape, o_ids)}, modules)
-    p_in = env_out[path_out[-1]] if path_out else env_out[attn]
+    env_out = _replay(path_out, {out: _field(out_shape, o_ids)}, modules)
+    p_in = env_out[path_out[-1]] if path_out else env_out[out]
     cols_f = p_in.reshape(-1, p_in.shape[-1])
     if not bool((cols_f.min(0).values == cols_f.max(0).values).all()):
         return None
@@ -244,15 +289,14 @@ def _prove(gm, attn, heads, mask_dim, producers, path_in, proj, path_out, module
     cols = [[c for c, i in enumerate(col_ids) if i // per == h] for h in range(heads)]
     if any(not c for c in cols) or sorted(col_ids) != list(range(heads * per)):
         return None
-    # 3. The reshapes that count heads, from head-id fields.
+    # 3. The reshapes that count heads, from head-id fields; norms see one head at a time.
     head_of_row = torch.zeros(offset + 1, dtype=torch.float64)
     for h, r in enumerate(rows):
         head_of_row[torch.tensor(sorted(r)) + 1] = h + 1
     env_h = {p: head_of_row[env[p].long()] for p in producers}
     env_h = _replay(path_in, env_h, modules)
-    env_h.update(_replay(path_out, {attn: _field(out_shape, torch.arange(1, heads + 1).view(1, heads, 1, 1))},
-                         modules))
-    for n in path_in + path_out:  # a norm over the last dim must see one head at a time
+    env_h.update(_replay(path_out, {out: _heads_at_dim1(out_shape, heads)}, modules))
+    for n in path_in + path_out:
         if n.op == "call_module" and not isinstance(modules[n.target], (nn.Identity, nn.Dropout)):
             f = env_h[n.args[0]]
             if not bool((f == f[..., :1]).all()):
@@ -269,6 +313,10 @@ def _prove(gm, attn, heads, mask_dim, producers, path_in, proj, path_out, module
                 return None
             if shape_args(n)[d] != -1:
                 resizes.append((n, d, units))
+    core_proof = _prove_core(core, heads, modules)
+    if core_proof is None:
+        return None
+    core_resizes, masks = core_proof
     # 4. Proof: without the first (or the last) head, the fields are the originals without it.
     for drop in {0, heads - 1}:
         keep = [h for h in range(heads) if h != drop]
@@ -279,26 +327,27 @@ def _prove(gm, attn, heads, mask_dim, producers, path_in, proj, path_out, module
             ids = [o + i + 1 for i in range(w) if (o + i) in kept_rows or not any((o + i) in r for r in rows)]
             env_k[p] = _field(tensor_shape(p)[:-1] + (len(ids),), torch.tensor(ids))
         env_k = _replay(path_in, env_k, modules, resize)
-        if any(not torch.equal(env_k[a], env[a][:, keep]) for a in attn.args[:3]):
+        if any(not torch.equal(env_k[a], env[a][:, keep]) for a in core.inputs):
             return None
         o_k = o_ids[:, keep]
-        env_o = _replay(path_out, {attn: _field(out_shape[:1] + (len(keep),) + out_shape[2:], o_k)}, modules, resize)
-        got = env_o[path_out[-1]] if path_out else env_o[attn]
+        env_o = _replay(path_out, {out: _field(out_shape[:1] + (len(keep),) + out_shape[2:], o_k)}, modules, resize)
+        got = env_o[path_out[-1]] if path_out else env_o[out]
         want_cols = [c for h in keep for c in cols[h]]
         if not torch.equal(got, p_in[..., sorted(want_cols)]):
             return None
     lv_paths = [layer_view(gm, p, modules).path for p in producers]
     proj_path = layer_view(gm, proj, modules).path
     path = _common_path(lv_paths + [proj_path])
-    key = f"{sanitize(path) if path else attn.name}_heads"
+    key = f"{sanitize(path) if path else out.name}_heads"
     per_layer = []
     for p, path_p in zip(producers, lv_paths):
         o, w = starts[p]
         per_layer.append((path_p, tuple(tuple(sorted(r - o for r in rows[h] if o <= r < o + w))
                                         for h in range(heads))))
-    return HeadUnit(key=key, scope=attn.meta.get(MEMBER) or key, heads=heads, rows=tuple(per_layer),
+    return HeadUnit(key=key, scope=out.meta.get(MEMBER) or key, heads=heads, rows=tuple(per_layer),
                     proj=proj_path, cols=tuple(tuple(c) for c in cols),
-                    resizes=tuple((n.name, d, u) for n, d, u in resizes), mask_dim=mask_dim)
+                    resizes=tuple((n.name, d, u) for n, d, u in resizes + core_resizes),
+                    masks=tuple((n.name, key_, d) for n, key_, d in masks))
 
 
 class FindHeads(PassBase):
@@ -316,11 +365,11 @@ class FindHeads(PassBase):
         shared = shared_layer_paths(gm, modules)
         found = 0
         for n in list(gm.graph.nodes):
-            if n.op == "call_function" and n.target in ATTENTION_TARGETS:
-                unit = analyze_attention(gm, n, modules, shared)
-                if unit is not None:
-                    n.meta[HEADS] = unit
-                    found += 1
+            core = find_core(n, modules)
+            unit = analyze_attention(gm, core, modules, shared) if core is not None else None
+            if unit is not None:
+                n.meta[HEADS] = unit
+                found += 1
         log.info("find_heads: %d attention layers with head units", found)
         return PassResult(gm, False)
 

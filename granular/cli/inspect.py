@@ -35,7 +35,9 @@ def handle(args: argparse.Namespace) -> int:
     for col in ("granularity", "units", "what one unit is"):
         t.add_column(col)
     t.add_row("operation (α)", f"{insp.units['op']:,}", "a residual branch that joins a sum")
-    t.add_row("filter (β)", f"{insp.units['filter']:,}", "an output channel of a conv/linear")
+    heads = insp.units.get("head", 0)
+    t.add_row("filter (β)", f"{insp.units['filter'] - heads:,}", "an output channel of a conv/linear")
+    t.add_row("head (β)", f"{heads:,}", "a head of an attention layer: its q/k/v rows and output columns")
     t.add_row("weight (ω)", f"{insp.units['weight']:,}", "one weight of a conv/linear")
     console.print(t)
     b = Table(title="budget")

@@ -1,5 +1,7 @@
 """find_heads and head export: attention heads are units, and zero heads leave exactly."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,10 +16,14 @@ from granular.testing import check_export, random_masks_
 class _Attention(nn.Module):
     """timm's ``Attention`` written out: fused qkv, per-head q/k norms, sdpa, proj; ``mask``
     adds a learned per-head bias (as Swin's relative position bias); ``mix`` puts a norm over
-    all heads before proj (heads then stay whole); ``separate`` uses one linear per role."""
+    all heads before proj (heads then stay whole); ``separate`` uses one linear per role;
+    ``explicit`` writes softmax(q kᵀ) v out, with Swin's per-window mask added through a
+    5-d view that counts heads."""
 
-    def __init__(self, dim=24, heads=4, mask=False, mix=False, separate=False):
+    def __init__(self, dim=24, heads=4, mask=False, mix=False, separate=False, explicit=False):
         super().__init__()
+        self.explicit = explicit
+        self.register_buffer("window_mask", torch.randn(3, 6, 6))
         self.h, self.d = heads, dim // heads
         self.separate = separate
         if separate:
@@ -37,6 +43,13 @@ class _Attention(nn.Module):
             qkv = self.qkv(x).reshape(B, N, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        if self.explicit:
+            s = (q * 0.5) @ k.transpose(-2, -1)
+            if self.bias is not None:
+                s = s + self.bias
+            s = s.view(-1, 3, self.h, N, N) + self.window_mask.unsqueeze(1).unsqueeze(0)
+            o = F.dropout(s.view(-1, self.h, N, N).softmax(dim=-1), 0.0, self.training) @ v
+            return self.proj(self.norm(o.transpose(1, 2).reshape(B, N, -1)))
         o = F.scaled_dot_product_attention(q * 1.0, k, v, attn_mask=self.bias)
         return self.proj(self.norm(o.transpose(1, 2).reshape(B, N, C)))
 
@@ -83,14 +96,15 @@ def test_heads_are_found_with_their_rows_columns_and_reshapes():
     assert all(isinstance(gm.granular_gates.filter[u.key].beta, nn.Parameter) for u in units)
 
 
-@pytest.mark.parametrize("kw", [{}, {"mask": True}, {"separate": True}], ids=["fused", "mask", "separate"])
+@pytest.mark.parametrize("kw", [{}, {"mask": True}, {"separate": True}, {"explicit": True, "mask": True}],
+                         ids=["fused", "mask", "separate", "explicit"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_zero_heads_export_exactly_and_leave_the_compact_model(kw, seed):
     torch.manual_seed(seed)
-    model, x = _Net(**kw).eval(), torch.randn(3, 6, 5)
+    model, x = _Net(**kw).eval(), torch.randn(6 if kw.get("explicit") else 3, 6, 5)  # explicit: 2 x 3 windows
     result = check_export(model, x, seed=seed)  # random masks at every granularity, heads included
     assert result.rel_err < 1e-4 and result.counted == result.exported, result.reason
-    gm = granular.prepare(model, x[:2])
+    gm = granular.prepare(model, x[:3])
     random_masks_(gm, op=0.0, filter=0.0, weight=0.0, seed=seed)
     gates = gm.granular_gates.filter
     gates["blocks_0_attn_heads"].mask.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))
@@ -109,6 +123,15 @@ def test_zero_heads_export_exactly_and_leave_the_compact_model(kw, seed):
         assert sub("blocks.0.attn.qkv").out_features == 36
     if kw.get("mask"):
         assert "getitem" in compact.code  # the per-head bias is cut to the kept heads
+    if kw.get("explicit"):
+        assert re.search(r"view\(-1, 3, 2, \w+, \w+\)", compact.code)  # the window view counts the kept heads
+
+
+def test_the_explicit_form_is_found_and_its_view_and_masks_resized():
+    gm = granular.prepare(_Net(explicit=True, mask=True).eval(), torch.randn(6, 6, 5))
+    u = _units(gm)[0]
+    assert u.heads == 4 and len(u.masks) == 1 and u.masks[0][2] == 1  # the (1, H, N, N) bias; the window mask broadcasts
+    assert [(d, per) for _, d, per in u.resizes] == [(3, 1), (2, 1), (1, 1)]  # qkv reshape; the two score views
 
 
 def test_a_norm_over_all_heads_keeps_them_whole():
