@@ -16,7 +16,11 @@ skip of a residual block) is never a unit. Before/after on a residual block::
     x ─────────────────────────────────────────+-> out     unit: {conv1 .. bn2}, skip: none
 
 Filter units are the output channels of conv/linear layers whose channels are not fixed by
-the channel analysis (``granular.passes._channels``); weight units are the layer weights.
+the channel analysis (``granular.passes._channels``); weight units are the layer weights,
+except the stem's and the head's (``GateConfig.mask_stem``, ``mask_head``). The head is a
+layer whose output reaches the graph's output through no other conv/linear (the
+classifier), not any layer with fixed channels: a transformer's qkv, projection and second
+MLP layer have fixed channels and masked weights.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from granular.config import GateConfig
-from granular.meta import LAYER, MEMBER, OP_UNIT, SUM, LayerInfo, OpUnit
+from granular.meta import LAYER, MEMBER, OP_UNIT, SUM, LayerInfo, OpUnit, tensor_shape
 from granular.passes._channels import analyze_channels
 from granular.passes._manager import run_passes
 from granular.passes._graph import Kind, find_sums, layer_view, node_kind, shared_layer_paths
@@ -145,6 +149,10 @@ class FindUnits(PassBase):
         for n in graph.nodes:
             after_layer[n] = any(after_layer.get(a, False) or layer_view(gm, a) is not None
                                  for a in n.all_input_nodes)
+        reaches_output: dict[fx.Node, bool] = {}  # its values, through no other conv/linear: the classifier
+        for n in reversed(graph.nodes):
+            reaches_output[n] = n.op == "output" or tensor_shape(n) is not None and any(
+                reaches_output.get(u, False) and layer_view(gm, u) is None for u in n.users)
         n_layers = 0
         shared = shared_layer_paths(gm)
         for n in graph.nodes:
@@ -153,10 +161,11 @@ class FindUnits(PassBase):
                 continue
             n_layers += 1
             out_classes = set(analysis.slots.get(n, []))
-            head = bool(out_classes) and out_classes <= analysis.fixed
+            fixed_out = bool(out_classes) and out_classes <= analysis.fixed
+            head = reaches_output[n]
             stem = not after_layer[lv.x] and lv.x.op == "placeholder" or not after_layer[lv.x]
             producer = node_kind(gm, n) == Kind.LAYER and lv.kind in ("conv", "linear")
-            filter_gate = (self.config.filter_gates and producer and not head
+            filter_gate = (self.config.filter_gates and producer and not fixed_out and not head
                            and not _gate_would_precede_bn(gm, n))
             weight_mask = (self.config.weight_masks and lv.kind in ("conv", "dwconv", "gconv", "linear")
                            and (self.config.mask_stem or not stem) and (self.config.mask_head or not head))

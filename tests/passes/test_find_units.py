@@ -65,3 +65,19 @@ def test_gate_config_switches_granularities_off():
     gm = granular.prepare(user_model("resnet_like"), example(), cfg)
     bank = gm.granular_gates
     assert len(bank.op) == 0 and len(bank.weight) == 0 and len(bank.filter) > 0
+
+
+def test_layers_with_fixed_channels_inside_a_transformer_are_masked_only_the_classifier_is_not():
+    """The head (unmasked by default) is the layer whose values reach the output through no
+    other layer. It used to be any layer with fixed output channels, which left a ViT's qkv,
+    projection and second MLP layer without weight masks (only fc1 was masked)."""
+    import pytest
+    timm = pytest.importorskip("timm")
+    import torch
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2)
+    gm = find_units(trace(model.eval(), torch.randn(1, 3, 32, 32)))
+    info = {n.meta[LAYER].module: n.meta[LAYER] for n in gm.graph.nodes if LAYER in n.meta}
+    for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+        assert info[f"blocks.0.{name}"].weight_mask, name
+    assert not info["head"].weight_mask and not info["patch_embed.proj"].weight_mask
+    assert info["blocks.0.mlp.fc1"].filter_gate and not info["blocks.0.attn.qkv"].filter_gate
