@@ -167,3 +167,26 @@ def test_timm_vits_prune_heads_exactly(name):
     kept = [int(gm.granular_gates.filter[f"blocks_{i}_attn_heads"].mask.sum()) for i in range(3)]
     heads = [compact.get_submodule(f"blocks.{i}.attn.proj").in_features // 64 for i in range(3)]
     assert heads == [max(k, 1) for k in kept] and sum(heads) < 9
+
+
+def test_timm_swin_prunes_heads_exactly_through_its_window_views_and_bias():
+    """Swin's window attention is the explicit form, with a per-head relative position bias
+    and, in shifted blocks, a window mask added through views that count heads."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=56, depths=(2, 2),
+                              num_heads=(2, 4), embed_dim=16).eval()
+    x = torch.randn(2, 3, 56, 56)
+    gm = granular.prepare(model, x[:1])
+    units = _units(gm)
+    assert [u.heads for u in units] == [2, 2, 4, 4] and all(len(u.masks) == 1 for u in units)
+    # the qkv reshapes, and the two views of the one shifted block (stage 2's window is its whole map: no shift)
+    assert sum(len(u.resizes) for u in units) == 4 + 2
+    random_masks_(gm, op=0.0, filter=0.0, weight=0.2, seed=1)
+    for u in units:  # every other head at zero
+        gm.granular_gates.filter[u.key].mask.copy_((torch.arange(u.heads) % 2 == 0).float())
+    gm.eval()
+    compact = granular.export(gm)
+    torch.testing.assert_close(compact(x), gm(x), rtol=1e-4, atol=1e-5)
+    assert granular.count_params(gm).total == sum(p.numel() for p in compact.parameters())
+    assert [compact.get_submodule(u.proj).in_features // 8 for u in units] == [1, 1, 2, 2]
