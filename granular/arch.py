@@ -1,7 +1,7 @@
 """``arch.json``: the discovered architecture, read off the gated graph and its export plan.
 
 For every operation unit: whether it is kept and, per layer, the width kept and the weight
-sparsity (within the kept filters). ``retention`` gives each granularity's kept fraction
+sparsity (within the kept filters). For every attention with head units: the heads kept. ``retention`` gives each granularity's kept fraction
 within the surviving units of the coarser ones (:func:`granular.masks.retention`). For DARTS
 spaces the ops are also grouped per cell (``cells``), with the edge and op type of each kept op.
 """
@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from granular.accounting import count_params
 from granular.masks import gate_bank, retention
-from granular.meta import LAYER, OP_UNIT
+from granular.meta import HEADS, LAYER, OP_UNIT
 from granular.passes.export import plan_export
 from granular.search_spaces import describe_op
 
@@ -66,6 +66,15 @@ def architecture(gm: fx.GraphModule) -> dict[str, Any]:
         ops.append(row)
     out: dict[str, Any] = {"params": count_params(gm)._asdict(), "retention": retention(gm), "ops": ops,
                            "layers": layers}
+    heads = []
+    for n in gm.graph.nodes:
+        unit = n.meta.get(HEADS)
+        if unit is not None and n.op == "call_module":
+            alive = n in plan.alive
+            kept = max(int((bank.filter[unit.key].eval_value() != 0).sum()), 1) if alive else 0  # as export keeps
+            heads.append({"unit": unit.key, "scope": unit.scope, "heads": unit.heads, "kept": kept})
+    if heads:
+        out["heads"] = heads
     cells: dict[int, list] = {}
     for row in ops:
         if "cell" in row and row["kept"]:

@@ -121,6 +121,8 @@ def test_zero_heads_export_exactly_and_leave_the_compact_model(kw, seed):
         assert sub("blocks.0.attn.q").out_features == 12
     else:
         assert sub("blocks.0.attn.qkv").out_features == 36
+    from granular.arch import architecture
+    assert [h["kept"] for h in architecture(gm)["heads"]] == [2, 1]
     if kw.get("mask"):
         assert "getitem" in compact.code  # the per-head bias is cut to the kept heads
     if kw.get("explicit"):
