@@ -14,6 +14,7 @@
     retrain_graph (passes/retrain_graph.py) transform: drop-path and an auxiliary head (retraining)
 
 ``trace`` runs ``decompose_norm_act`` (passes/decompose.py) on timm's fused norm+act leaves,
+``decompose_attention`` (same file) on self-attention ``nn.MultiheadAttention`` leaves,
 and ``thread_inplace_ops`` (passes/inplace.py) so that readers after an in-place op read its
 result.
 

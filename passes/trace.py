@@ -12,6 +12,8 @@ A failure names the module being traced and the construct that broke, with the f
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import logging
 from typing import Any, Callable, Iterable, Sequence
@@ -22,7 +24,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from granular.errors import TraceError
-from granular.passes.decompose import decompose_norm_act
+from granular.passes.decompose import decompose_attention, decompose_norm_act
 from granular.passes.inplace import thread_inplace_ops
 
 __all__ = ["trace", "register_leaf_module", "register_leaf_function", "GranularTracer", "AUTO_LEAVES"]
@@ -139,6 +141,32 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    with _caches_restored(model):
+        gm = _trace(model, example_inputs, leaf_modules, autowrap_functions, auto_leaf)
+    decompose_norm_act(gm)
+    decompose_attention(gm)
+    thread_inplace_ops(gm)
+    propagate_shapes(gm, example_inputs)
+    return gm
+
+
+@contextlib.contextmanager
+def _caches_restored(model: nn.Module):
+    """Put back every dict attribute of every module after tracing. Some forwards cache
+    tensors in a dict (timm's EfficientFormer caches its attention biases in eval mode); while
+    tracing they would cache proxies of this trace's graph, and the next trace of the same
+    model would read nodes of a graph that is not its own."""
+    saved = [(d, dict(d)) for m in model.modules() for d in vars(m).values()
+             if type(d) is dict and d is not m._modules and d is not m._parameters and d is not m._buffers]
+    try:
+        yield
+    finally:
+        for d, before in saved:
+            d.clear()
+            d.update(before)
+
+
+def _trace(model, example_inputs, leaf_modules, autowrap_functions, auto_leaf) -> fx.GraphModule:
     leaves = list(leaf_modules)
     blamed: list[dict] = []
     while True:
@@ -156,9 +184,6 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         log.info("trace: keeping %s whole (%s)", failure.module_type.__name__, failure.construct)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[AUTO_LEAVES] = blamed
-    decompose_norm_act(gm)
-    thread_inplace_ops(gm)
-    propagate_shapes(gm, example_inputs)
     return gm
 
 

@@ -192,3 +192,68 @@ def test_timm_swin_prunes_heads_exactly_through_its_window_views_and_bias():
     torch.testing.assert_close(compact(x), gm(x), rtol=1e-4, atol=1e-5)
     assert granular.count_params(gm).total == sum(p.numel() for p in compact.parameters())
     assert [compact.get_submodule(u.proj).in_features // 8 for u in units] == [1, 1, 2, 2]
+
+
+class _MHABlock(nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        y = self.norm(x)
+        y, _ = self.attn(y, y, y, need_weights=False)
+        x = x + y
+        return x + self.fc(x).relu()
+
+
+class _MHANet(nn.Module):
+    def __init__(self, batch_first: bool = True):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(6, 32)
+        self.blocks = nn.Sequential(_MHABlock(batch_first), _MHABlock(batch_first))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x)).mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_is_opened_and_its_heads_prune_exactly(batch_first):
+    """nn.MultiheadAttention (a leaf whose in_proj_weight is a bare parameter) is opened into
+    linear -> sdpa -> linear sharing its parameters: the same function, heads as units."""
+    from granular.passes.trace import trace
+    from granular.testing import open_gates_
+    torch.manual_seed(0)
+    model, x = _MHANet(batch_first).eval(), torch.randn(3, 5, 6)
+    assert not any(n.op == "call_module" and "attn" == str(n.target).rsplit(".", 1)[-1]
+                   for n in trace(model, x).graph.nodes)  # no MultiheadAttention leaf is left
+    gm = granular.prepare(model, x)
+    assert [u.key for u in _units(gm)] == ["blocks_0_attn_heads", "blocks_1_attn_heads"]
+    open_gates_(gm)
+    gm.eval()
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    random_masks_(gm, op=0.0, filter=0.0, weight=0.3, seed=0)
+    gm.granular_gates.filter["blocks_0_attn_heads"].mask.copy_(torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    gm.eval()
+    compact = granular.export(gm)
+    torch.testing.assert_close(compact(x), gm(x), rtol=1e-5, atol=1e-6)
+    assert compact.get_submodule("blocks.0.attn.in_proj").out_features == 3 * 16
+    assert granular.count_params(gm).total == sum(p.numel() for p in compact.parameters())
+
+
+def test_multihead_attention_with_a_mask_or_cross_attention_stays_whole():
+    from granular.passes.trace import trace
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x, y):
+            return self.attn(x, y, y, need_weights=False)[0]
+
+    gm = trace(Cross(), (torch.randn(2, 3, 8), torch.randn(2, 4, 8)))
+    assert any(n.op == "call_module" and n.target == "attn" for n in gm.graph.nodes)

@@ -129,3 +129,34 @@ def test_readers_after_an_in_place_op_read_its_result():
     assert nodes["add_"].args[0] is nodes["mul_"]
     assert nodes["fc"].args[0] is nodes["add_"] and nodes["sum_1"].args[0] is nodes["add_"]
     torch.testing.assert_close(gm(x), model(x))
+
+
+class _CachesInEval(torch.nn.Module):
+    """Caches a tensor derived from a parameter in a dict in eval mode, as timm's
+    EfficientFormer does with its attention biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.bias = torch.nn.Parameter(torch.randn(4))
+        self.cache = {}
+
+    def forward(self, x):
+        if self.training:
+            b = self.bias * 2
+        else:
+            if "b" not in self.cache:
+                self.cache["b"] = self.bias * 2
+            b = self.cache["b"]
+        return self.fc(x) + b
+
+
+def test_a_model_traced_twice_does_not_keep_the_first_traces_proxies():
+    """The first trace cached a proxy of its own graph in the module's dict; the second trace
+    of the same model then failed ("getitem_6 ... does not belong to this Graph")."""
+    model, x = _CachesInEval().eval(), torch.randn(2, 4)
+    first = trace(model, x)
+    assert model.cache == {}
+    second = trace(model, x)
+    torch.testing.assert_close(second(x), model(x))
+    torch.testing.assert_close(first(x), model(x))
