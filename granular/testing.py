@@ -76,15 +76,20 @@ def open_gates_(gm: fx.GraphModule) -> fx.GraphModule:
 @torch.no_grad()
 def randomize_norms_(module: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm random running statistics (and affine parameters), so that
-    folding them is actually exercised."""
+    folding them is actually exercised; and every conv/linear whose weight is all zero (a
+    zero-initialised classifier, as torchvision's ViT has) small random weights: else the
+    output is constant and a comparison of outputs proves nothing."""
     gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-            if m.affine:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.5)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.5)
+            elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not bool(m.weight.any()):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.02)
     return module
 
 
@@ -164,6 +169,10 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
         return ExportCheck(False, f"{stage}: {type(err).__name__}: {first}", original=original, units=units,
                            auto_leaves=leaves)
     exported = count_module(compact)
+    if not any(bool(t.ne(t.reshape(-1)[0]).any()) for t in ref if t.numel()):
+        return ExportCheck(False, "the gated output is the same number everywhere: comparing outputs proves nothing "
+                                  "(a zero-initialised layer? randomize_norms_ gives such layers random weights)",
+                           counted=counted, exported=exported, original=original, units=units, auto_leaves=leaves)
     reasons, rel = compare_outputs(ref, got, rtol)
     if math.isinf(rel):
         return ExportCheck(False, reasons[0], counted=counted, exported=exported, original=original, units=units,

@@ -59,3 +59,28 @@ def test_granular_export_refuses_to_save_a_wrong_model(tmp_path, capsys, monkeyp
     monkeypatch.setattr(cli_export, "export", real)
     assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 0
     assert (tmp_path / "e" / "model.safetensors").is_file()
+
+
+def test_check_export_never_compares_a_constant_output():
+    """A zero-initialised classifier (torchvision's ViT has one) makes every output its bias:
+    a comparison of outputs then passes whatever export did. check_export gives such layers
+    random weights, and refuses outright when the gated output is still constant."""
+    from torch import nn
+
+    from granular.testing import check_export, randomize_norms_
+    model = user_model("resnet_like")
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.zeros_(head.weight)
+    randomize_norms_(model, seed=0)
+    assert head.weight.any()
+
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = user_model("resnet_like")
+
+        def forward(self, x):
+            return self.body(x) * 0.0
+
+    result = check_export(Constant(), torch.randn(2, 1, 8, 8), seed=0)
+    assert not result.ok and "same number everywhere" in result.reason
