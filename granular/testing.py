@@ -169,7 +169,7 @@ def check_export(model: nn.Module, example_inputs, *, seed: int = 0, rtol: float
         return ExportCheck(False, f"{stage}: {type(err).__name__}: {first}", original=original, units=units,
                            auto_leaves=leaves)
     exported = count_module(compact)
-    if not any(bool(t.ne(t.reshape(-1)[0]).any()) for t in ref if t.numel()):
+    if any(t.numel() > 1 for t in ref) and not any(bool(t.ne(t.reshape(-1)[0]).any()) for t in ref if t.numel()):
         return ExportCheck(False, "the gated output is the same number everywhere: comparing outputs proves nothing "
                                   "(a zero-initialised layer? randomize_norms_ gives such layers random weights)",
                            counted=counted, exported=exported, original=original, units=units, auto_leaves=leaves)

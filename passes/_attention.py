@@ -60,6 +60,10 @@ class Core:
     same: dict = field(default_factory=dict)
     masks: list = field(default_factory=list)
 
+    def masks_nodes(self) -> set:
+        """The nodes that add a mask operand (a mask addition is "same" but no softmax)."""
+        return {n for n, _ in self.masks}
+
 
 def _is_matmul(n) -> bool:
     return isinstance(n, fx.Node) and (n.op == "call_function" and n.target in _MATMUL or

@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from granular.meta import tensor_shape
+from granular.meta import HEADS, tensor_shape
 from granular.passes._graph import (Kind, LayerView, evaluate_scalar, layer_view, module_of, node_kind,
                                     shared_layer_paths)
 
@@ -508,7 +508,7 @@ def channel_constants(gm: fx.GraphModule, analysis: ChannelAnalysis, *,
         nan = nans[size]
         if kind in (Kind.GATE_OP, Kind.GATE_FILTER):
             g = gate_value(node).detach().float().reshape(-1)
-            if g.numel() not in (1, size):  # a head gate on an axis the analysis keeps elsewhere
+            if HEADS in node.meta or g.numel() not in (1, size):  # a head gate: its heads are not this axis
                 consts[node] = nan
                 continue
             g = g.expand(size)

@@ -20,9 +20,11 @@ is a bare parameter, so neither its heads nor its widths could be pruned) become
                           o = scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
                           out = self.attn.out_proj(o.transpose(1, 2).reshape(B, N, E))
 
-Only what that form computes is opened: one input for query, key and value, equal
-embedding sizes, no masks, no added bias_k/bias_v or zero attention, attention dropout 0,
-and the attention weights unused; any other use stays one leaf. Equal up to float rounding
+Only what that form computes is opened: one batched 3-d input for query, key and value,
+equal embedding sizes, no masks, no added bias_k/bias_v or zero attention, attention
+dropout 0, the attention weights unused, and the module called once with its parameters
+read nowhere else; any other use stays one leaf. It needs ``tensor_meta`` (``trace`` runs
+it after shape propagation, then propagates again where it opened one). Equal up to float rounding
 (the leaf takes PyTorch's fused path in eval mode).
 
 The user's model is not changed: the new modules live in the GraphModule's own hierarchy.
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from granular.meta import tensor_shape
 from granular.passes._manager import run_passes
 
 __all__ = ["DecomposeNormAct", "decompose_norm_act", "DecomposeAttention", "decompose_attention"]
@@ -112,6 +115,14 @@ def _opens(gm: fx.GraphModule, node: fx.Node, m: nn.Module) -> bool:
         return False
     if not (m._qkv_same_embed_dim and m.in_proj_weight is not None and m.bias_k is None and m.bias_v is None
             and not m.add_zero_attn and m.dropout == 0.0 and type(m.out_proj) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)):
+        return False
+    if len(tensor_shape(args[0]) or ()) != 3:  # unbatched (L, E) input: leave it to the module
+        return False
+    path = str(node.target)
+    graph = node.graph
+    if any(n is not node and (n.op == "call_module" and n.target == path or
+                              n.op == "get_attr" and str(n.target).startswith(path + "."))
+           for n in graph.nodes):  # called twice, or its parameters read elsewhere: keep it whole
         return False
     users = list(node.users)
     return all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1) and

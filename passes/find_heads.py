@@ -29,6 +29,7 @@ fields must equal the originals without that head.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -165,6 +166,40 @@ def _forward(node: fx.Node, gm, modules, shared) -> Optional[tuple[fx.Node, list
         cur = u
 
 
+def _reads_batch(arg) -> bool:
+    """Whether a size argument may depend on the batch size (so replacing it by a literal
+    would tie the export to the traced batch): it reads dim 0 of some tensor's shape, or a
+    whole shape or element count. ``x.shape[2]`` (a channel count, constant) does not."""
+    if not isinstance(arg, fx.Node):
+        return False
+    stack, seen = [arg], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if tensor_shape(n) is not None:  # reached the tensor itself through a size it was not indexed by
+            return True
+        t = n.target
+        if n.op == "call_method" and t == "size":
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            if dim is None or not isinstance(dim, int) or dim % len(tensor_shape(n.args[0]) or (1,)) == 0:
+                return True
+            continue
+        if n.op == "call_method" and t in ("numel", "nelement"):
+            return True
+        if n.op == "call_function" and t is operator.getitem and isinstance(n.args[0], fx.Node) and \
+                (n.args[0].op == "call_function" and n.args[0].target is getattr or
+                 n.args[0].op == "call_method" and n.args[0].target == "size" and len(n.args[0].args) == 1):
+            src = n.args[0].args[0]
+            i = n.args[1]
+            if not isinstance(i, int) or i % len(tensor_shape(src) or (1,)) == 0:
+                return True
+            continue
+        stack.extend(n.all_input_nodes)
+    return False
+
+
 def _field(shape, ids: torch.Tensor) -> torch.Tensor:
     return ids.to(torch.float64).expand(tuple(shape)).clone()
 
@@ -230,11 +265,15 @@ def _prove_core(core: Core, heads: int, modules) -> Optional[tuple[list, list]]:
     env_h = _replay(core.chain, {core.scores: _heads_at_dim1(s_shape, heads)}, modules, same=core.same)
     if not torch.equal(env_h[probs], _heads_at_dim1(tensor_shape(probs), heads)):
         return None
+    for n, src in core.same.items():  # a softmax (over the last dim) must see one head at a time
+        f = env_h[src]
+        if n not in core.masks_nodes() and not bool((f == f[..., :1]).all()):
+            return None
     resizes = []
     for n in core.chain:
         if n not in core.same:
             dims = _head_dims(env_h[n], heads)
-            if dims is None or len(dims) > 1:
+            if dims is None or len(dims) > 1 or any(_reads_batch(shape_args(n)[d]) for d, _ in dims):
                 return None
             resizes += [(n, d, u) for d, u in dims if shape_args(n)[d] != -1]
     masks = []
@@ -311,8 +350,8 @@ def _prove(gm, core: Core, heads, producers, path_in, fwd, modules) -> Optional[
         if dims is None or len(dims) > 1:
             return None
         for d, units in dims:
-            if d >= len(shape_args(n)):
-                return None
+            if d >= len(shape_args(n)) or _reads_batch(shape_args(n)[d]):
+                return None  # a size that follows the batch cannot become a literal
             if shape_args(n)[d] != -1:
                 resizes.append((n, d, units))
     core_proof = _prove_core(core, heads, modules)
@@ -366,11 +405,17 @@ class FindHeads(PassBase):
         modules = dict(gm.named_modules())
         shared = shared_layer_paths(gm, modules)
         found = 0
+        used = {sanitize(lv.path) for n in gm.graph.nodes for lv in [layer_view(gm, n, modules)] if lv is not None}
         for n in list(gm.graph.nodes):
             core = find_core(n, modules)
             unit = analyze_attention(gm, core, modules, shared) if core is not None else None
             if unit is not None:
-                n.meta[HEADS] = unit
+                key, k = unit.key, 1
+                while key in used:  # two attentions under one module, or a layer of that name
+                    k += 1
+                    key = f"{unit.key}_{k}"
+                used.add(key)
+                n.meta[HEADS] = dataclasses.replace(unit, key=key, scope=key if unit.scope == unit.key else unit.scope)
                 found += 1
         log.info("find_heads: %d attention layers with head units", found)
         return PassResult(gm, False)

@@ -9,7 +9,8 @@ Produces meta:
                           it gets a filter gate and a weight mask.
 
 Operation units (MG-DARTS's α level) are the branches that join a sum: the nodes that feed
-only that input of the sum, back to the fork. An input that is the fork itself (the identity
+only that input of the sum, back to the fork (not the additions inside attention scores,
+``q kᵀ + bias``: neither input is an operation). An input that is the fork itself (the identity
 skip of a residual block) is never a unit. Before/after on a residual block::
 
     x -> conv1 -> bn1 -> relu -> conv2 -> bn2 ─┐
@@ -119,9 +120,12 @@ class FindUnits(PassBase):
         units: list[tuple[OpUnit, set[fx.Node]]] = []
         used_ids: set[str] = set()
         by_name = {n.name: n for n in graph.nodes}
+        in_scores = _score_additions(gm)
         for root, info in find_sums(gm).items():
             root.meta[SUM] = info
             tree = {by_name[a] for a in info.adds}
+            if tree & in_scores:  # a bias or mask added to attention scores is no operation
+                continue
             for leaf_name in info.inputs:
                 leaf = by_name[leaf_name]
                 members = _branch(leaf, tree) if self.config.op_gates else None
@@ -174,6 +178,19 @@ class FindUnits(PassBase):
                                       filter_gate=filter_gate, weight_mask=weight_mask)
         log.info("find_units: %d operation units, %d layers", len(units), n_layers)
         return PassResult(gm, True)
+
+
+def _score_additions(gm: fx.GraphModule) -> set[fx.Node]:
+    """The additions inside attention scores (``q kᵀ + bias``): their inputs are not
+    operations, and the head units (``find_heads``) cut their per-head masks."""
+    from granular.passes._attention import find_core
+    modules = dict(gm.named_modules())
+    out: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        core = find_core(n, modules) if n.op in ("call_function", "call_method") else None
+        if core is not None:
+            out.update(node for node, _ in core.masks if node is not core.out)
+    return out
 
 
 def _gate_would_precede_bn(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -144,9 +144,12 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     with _caches_restored(model):
         gm = _trace(model, example_inputs, leaf_modules, autowrap_functions, auto_leaf)
     decompose_norm_act(gm)
-    decompose_attention(gm)
     thread_inplace_ops(gm)
     propagate_shapes(gm, example_inputs)
+    if any(n.op == "call_module" and type(gm.get_submodule(n.target)) is nn.MultiheadAttention
+           for n in gm.graph.nodes):
+        decompose_attention(gm)  # reads tensor_meta; its new nodes then need theirs
+        propagate_shapes(gm, example_inputs)
     return gm
 
 

@@ -257,3 +257,78 @@ def test_multihead_attention_with_a_mask_or_cross_attention_stays_whole():
 
     gm = trace(Cross(), (torch.randn(2, 3, 8), torch.randn(2, 4, 8)))
     assert any(n.op == "call_module" and n.target == "attn" for n in gm.graph.nodes)
+
+
+def test_additions_inside_attention_scores_are_not_operations():
+    """``q kᵀ + bias`` is a sum whose inputs are no operations: an α gate there, once zero,
+    broke export (the per-head bias cut read a pruned input)."""
+    plain = granular.prepare(_Net().eval(), torch.randn(6, 6, 5))
+    biased = granular.prepare(_Net(explicit=True, mask=True).eval(), torch.randn(6, 6, 5))
+    assert len(biased.granular_gates.op) == len(plain.granular_gates.op) == 4  # attention and MLP branches only
+
+
+def test_a_shared_or_unbatched_multihead_attention_stays_whole():
+    from granular.passes.trace import trace
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            y = self.attn(x, x, x, need_weights=False)[0]
+            return self.attn(y, y, y, need_weights=False)[0]
+
+    gm = trace(Twice(), torch.randn(2, 3, 8))
+    assert sum(n.op == "call_module" and n.target == "attn" for n in gm.graph.nodes) == 2
+    gm = trace(Twice(), torch.randn(3, 8))  # unbatched (L, E)
+    assert sum(n.op == "call_module" and n.target == "attn" for n in gm.graph.nodes) == 2
+
+
+class _TwoAttentions(nn.Module):
+    """Two attentions whose linears are direct children of one module: one head key each."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 16)
+        self.qkv1, self.proj1 = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.qkv2, self.proj2 = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def _attn(self, x, qkv, proj, heads):
+        B, N, C = x.shape
+        q, k, v = qkv(x).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, 16))
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self._attn(x, self.qkv1, self.proj1, 2)
+        x = x + self._attn(x, self.qkv2, self.proj2, 4)
+        return self.head(x.mean(1))
+
+
+def test_two_attentions_under_one_module_get_their_own_gates():
+    model, x = _TwoAttentions().eval(), torch.randn(2, 6, 5)
+    gm = granular.prepare(model, x)
+    units = _units(gm)
+    assert sorted(u.heads for u in units) == [2, 4] and len({u.key for u in units}) == 2
+    result = check_export(model, x, seed=0)
+    assert result.rel_err < 1e-4 and result.counted == result.exported, result.reason
+
+
+class _MixedSoftmax(_Attention):
+    """A softmax over the scores of all heads together: removing a head changes the others."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1)).reshape(B, self.h * N * N).softmax(dim=-1).reshape(B, self.h, N, N)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_a_softmax_across_heads_keeps_them_whole():
+    from granular.passes.find_heads import find_heads
+    from granular.passes.find_units import find_units
+    from granular.passes.trace import trace
+    gm = find_heads(find_units(trace(_MixedSoftmax().eval(), torch.randn(2, 6, 24))))
+    assert not any(HEADS in n.meta for n in gm.graph.nodes)
