@@ -16,7 +16,7 @@ Removing head h removes its q/k/v rows from the linears that produce them, its c
 ``proj``, its slice of a per-head attention mask, and one head from every reshape that
 counts heads (``H -> H'``, ``H * D -> H' * D``, written as literals). Between those linears
 and the attention, and from it to ``proj``, the paths may hold only data movement
-(reshape, view, permute, transpose, unbind, indexing, flatten, (un)squeeze), identity and dropout
+(reshape, view, permute, transpose, unbind, split, indexing, flatten, (un)squeeze), identity and dropout
 modules, norms over the last dim (``q_norm``: per head), and scaling by a number, and every
 node on them must be read only by the pattern; anything else leaves the heads whole.
 
@@ -54,9 +54,9 @@ __all__ = ["FindHeads", "find_heads", "resized_args"]
 log = logging.getLogger(__name__)
 
 _MOVE_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "unbind", "flatten", "unsqueeze",
-                 "squeeze", "swapaxes", "movedim"}
+                 "squeeze", "swapaxes", "movedim", "split", "chunk"}
 _MOVE_FUNCS = {torch.reshape, torch.permute, torch.transpose, torch.unbind, torch.flatten, operator.getitem,
-               torch.unsqueeze, torch.squeeze, torch.swapaxes, torch.movedim}
+               torch.unsqueeze, torch.squeeze, torch.swapaxes, torch.movedim, torch.split, torch.chunk}
 _SCALE = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
 _RESIZABLE = {"reshape", "view", torch.reshape}
 
