@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn

@@ -37,7 +37,6 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
