@@ -196,6 +196,35 @@ def to_markdown(rows: list[Row], summary: list[str], command: str, seeds=SEEDS, 
     return "\n".join(lines) + "\n"
 
 
+def _summary(rows: list[Row], formats) -> list[str]:
+    """The pass fractions per zoo, per deployment format, and the op-unit and auto-leaf counts."""
+    summary = []
+    for zoo in ("timm", "torchvision"):
+        zr = [r for r in rows if r.spec.startswith(zoo + ":")]
+        if not zr:
+            continue
+        passed = sum(r.ok for r in zr)
+        what = "families (smallest model of each)" if zoo == "timm" else "classification models"
+        goal = GOALS[zoo]
+        summary.append(f"{zoo}: {passed}/{len(zr)} {what} pass = {passed / len(zr):.1%} "
+                       f"(goal {goal:.0%}: {'met' if passed / len(zr) >= goal else 'not met'})")
+        leafed = [r for r in zr if r.kept_whole or "kept whole" in r.reason]
+        ok = [r for r in zr if r.ok]
+        for fmt in formats:
+            bad = [r for r in ok if r.formats.get(fmt)]
+            summary.append(f"{zoo}: {fmt}: {len(ok) - len(bad)}/{len(ok)} of the passing models export and run back "
+                           f"equal" + (f"; failing: {', '.join(r.spec for r in bad)}" if bad else ""))
+        summary.append(f"{zoo}: {sum(r.op_units > 0 for r in zr)}/{len(zr)} have operation units; "
+                       f"{len(leafed)} needed a module kept whole (auto-leaf), {sum(r.ok for r in leafed)} of them pass")
+    return summary
+
+
+def _write_markdown(args, argv, rows: list[Row], summary: list[str]) -> None:
+    command = "python benchmarks/zoo.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
+    Path(args.markdown).write_text(to_markdown(rows, summary, command.strip(), tuple(args.seeds),
+                                               tuple(args.classes)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--zoo", choices=("timm", "torchvision", "both"), default="both")
@@ -234,6 +263,8 @@ def main(argv=None) -> int:
         status = f"[green]pass[/] {row.checks}" if row.ok else f"[red]FAIL[/] {row.checks} {row.reason}"
         status += "".join(f", {f} {_fmt(row, f)}" for f in args.formats)
         console.print(f"[{i}/{len(todo)}] {spec} ({row.seconds:.1f} s): {status}", highlight=False)
+        if args.markdown:  # rewritten after every model, so a long sweep that is cut short keeps its rows
+            _write_markdown(args, argv, rows, _summary(rows, args.formats) + [f"partial: {i} of {len(todo)} models"])
 
     table = Table(title="per model")
     for col in ("model", "pass", "checks", "rel. err", "params", "exported", "op units", "filters", "reason"):
@@ -242,30 +273,11 @@ def main(argv=None) -> int:
         table.add_row(r.spec, "yes" if r.ok else "no", r.checks, f"{r.rel_err:.1e}", f"{r.original:,}", f"{r.exported:,}",
                       str(r.op_units), f"{r.filters:,}", r.reason)
     console.print(table)
-    summary = []
-    for zoo in ("timm", "torchvision"):
-        zr = [r for r in rows if r.spec.startswith(zoo + ":")]
-        if not zr:
-            continue
-        passed = sum(r.ok for r in zr)
-        what = "families (smallest model of each)" if zoo == "timm" else "classification models"
-        goal = GOALS[zoo]
-        summary.append(f"{zoo}: {passed}/{len(zr)} {what} pass = {passed / len(zr):.1%} "
-                       f"(goal {goal:.0%}: {'met' if passed / len(zr) >= goal else 'not met'})")
-        leafed = [r for r in zr if r.kept_whole or "kept whole" in r.reason]
-        ok = [r for r in zr if r.ok]
-        for fmt in args.formats:
-            bad = [r for r in ok if r.formats.get(fmt)]
-            summary.append(f"{zoo}: {fmt}: {len(ok) - len(bad)}/{len(ok)} of the passing models export and run back "
-                           f"equal" + (f"; failing: {', '.join(r.spec for r in bad)}" if bad else ""))
-        summary.append(f"{zoo}: {sum(r.op_units > 0 for r in zr)}/{len(zr)} have operation units; "
-                       f"{len(leafed)} needed a module kept whole (auto-leaf), {sum(r.ok for r in leafed)} of them pass")
+    summary = _summary(rows, args.formats)
     for s in summary:
         print(s)
     if args.markdown:
-        command = "python benchmarks/zoo.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
-        Path(args.markdown).write_text(to_markdown(rows, summary, command.strip(), tuple(args.seeds),
-                                                   tuple(args.classes)))
+        _write_markdown(args, argv, rows, summary)
     return 0
 
 
