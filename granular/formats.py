@@ -46,9 +46,12 @@ def _check(name: str, got: list[torch.Tensor], ref: list[torch.Tensor], rtol: fl
                           f"not written: please report this with the model")
 
 
+def _batch_dims(inputs: tuple) -> tuple:
+    return tuple({0: torch.export.Dim("batch", min=1)} for _ in inputs)
+
+
 def _pt2(model: nn.Module, inputs: tuple, tmp: str) -> None:
-    dims = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
-    program = torch.export.export(model, inputs, dynamic_shapes=dims)
+    program = torch.export.export(model, inputs, dynamic_shapes=_batch_dims(inputs))
     torch.export.save(program, tmp)
 
 
@@ -60,12 +63,14 @@ def _run_pt2(path: str, inputs: tuple) -> list[torch.Tensor]:
 def _onnx(model: nn.Module, inputs: tuple, tmp: str) -> None:
     names = [f"input_{i}" for i in range(len(inputs))]
     try:
-        dims = tuple({0: torch.export.Dim("batch", min=1)} for _ in inputs)
-        torch.onnx.export(model, inputs, tmp, dynamo=True, dynamic_shapes=dims, input_names=names,
+        torch.onnx.export(model, inputs, tmp, dynamo=True, dynamic_shapes=_batch_dims(inputs), input_names=names,
                           external_data=False)
-    except Exception:  # noqa: BLE001 - the TorchScript exporter is the documented fallback
-        torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=names,
-                          dynamic_axes={n: {0: "batch"} for n in names})
+    except Exception as err:  # noqa: BLE001 - the TorchScript exporter is the documented fallback
+        try:
+            torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in names})
+        except Exception:  # noqa: BLE001 - the dynamo exporter's error is the one to report
+            raise err from None
 
 
 def _run_onnx(path: str, inputs: tuple) -> list[torch.Tensor]:
@@ -97,6 +102,8 @@ def save_format(model: nn.Module, directory: pathlib.Path, fmt: str, example_inp
         _require_onnx()
     model = model.eval().cpu()
     inputs = tuple(x.cpu() for x in _inputs(example_inputs))
+    if inputs[0].shape[0] == 1:  # exporters specialise a batch of 1 into the program: trace two samples
+        inputs = tuple(torch.cat([x, x]) for x in inputs)
     with torch.no_grad():
         ref = flat_outputs(model(*inputs))
     write, run = (_onnx, _run_onnx) if fmt == "onnx" else (_pt2, _run_pt2)
@@ -109,10 +116,9 @@ def save_format(model: nn.Module, directory: pathlib.Path, fmt: str, example_inp
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise ExportError(f"the {fmt} exporter failed on this model ({type(err).__name__}: {first})") from None
         _check(fmt, run(probe, inputs), ref, rtol)
-        if inputs[0].shape[0] > 1:  # the batch dimension is dynamic: one sample must run too
-            one = tuple(x[:1] for x in inputs)
-            with torch.no_grad():
-                _check(f"{fmt} (batch 1)", run(probe, one), flat_outputs(model(*one)), rtol)
+        one = tuple(x[:1] for x in inputs)  # the batch dimension is dynamic: one sample must run too
+        with torch.no_grad():
+            _check(f"{fmt} (batch 1)", run(probe, one), flat_outputs(model(*one)), rtol)
         directory.mkdir(parents=True, exist_ok=True)
         data = pathlib.Path(probe).read_bytes()
     atomic_write(target, lambda tmp: pathlib.Path(tmp).write_bytes(data))

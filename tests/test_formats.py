@@ -44,6 +44,26 @@ def test_onnx_runs_in_onnxruntime_and_computes_the_same(compact, tmp_path):
         torch.testing.assert_close(torch.from_numpy(out), model(batch).detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_an_example_of_one_sample_still_gives_a_dynamic_batch(compact, tmp_path, fmt):
+    """Exporters specialise a batch of 1 into the program: the pt2 file took one sample only,
+    and the dynamo ONNX exporter refused the dynamic batch, leaving the TorchScript fallback
+    (which fails on torch 2.14 for ConvNeXt or DaViT). The file must take any batch."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="the optional onnx extra: pip install 'granular[onnx]'")
+        pytest.importorskip("onnxscript")
+    model, x = compact
+    granular.save(model, tmp_path, format=fmt, example_inputs=x[:1])
+    batch = torch.randn(3, 1, 8, 8)
+    if fmt == "pt2":
+        out = torch.export.load(tmp_path / "model.pt2").module()(batch)
+    else:
+        import onnxruntime as ort
+        session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+        out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
+    torch.testing.assert_close(out, model(batch).detach(), rtol=1e-4, atol=1e-5)
+
+
 def test_a_format_that_computes_something_else_is_not_written(compact, tmp_path, monkeypatch):
     model, x = compact
     import granular.formats as formats
