@@ -66,10 +66,11 @@ class DecomposeNormAct(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         changed = False
+        modules = dict(gm.named_modules())  # the nodes visited are the original ones: their targets stay
         for node in list(gm.graph.nodes):
             if node.op != "call_module":
                 continue
-            m = gm.get_submodule(node.target)
+            m = modules[node.target]
             if not _is_norm_act(m) or len(node.args) != 1 or node.kwargs:
                 continue
             box = nn.Module()

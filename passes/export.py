@@ -487,8 +487,8 @@ def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:
         if n in env and env[n] is not None and env[n].op != "placeholder":
             env[n].meta["tensor_meta"] = n.meta.get("tensor_meta")
     compact = fx.GraphModule(root, graph, "CompactModel")
-    compact.graph.eliminate_dead_code()
-    compact.recompile()
+    if compact.graph.eliminate_dead_code():  # the constructor compiled the graph; only an edit needs a recompile
+        compact.recompile()
     compact.eval()
     return compact
 

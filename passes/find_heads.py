@@ -393,6 +393,8 @@ def _prove(gm, core: Core, heads, producers, path_in, fwd, modules) -> Optional[
 class FindHeads(PassBase):
     """Analysis: mark the attention nodes whose heads are units (``granular.heads``)."""
 
+    mutates = False  # meta only: run_passes skips the recompile and lint
+
     def __init__(self, config: GateConfig | None = None):
         self.config = config or GateConfig()
 

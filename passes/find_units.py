@@ -102,6 +102,8 @@ def _module_paths(gm: fx.GraphModule, nodes: set[fx.Node]) -> list[str]:
 class FindUnits(PassBase):
     """Analysis: mark sums, operation units and gated layers in ``node.meta``."""
 
+    mutates = False  # meta only: run_passes skips the recompile and lint
+
     def __init__(self, config: GateConfig | None = None):
         self.config = config or GateConfig()
 
@@ -120,7 +122,9 @@ class FindUnits(PassBase):
         units: list[tuple[OpUnit, set[fx.Node]]] = []
         used_ids: set[str] = set()
         by_name = {n.name: n for n in graph.nodes}
-        in_scores = _score_additions(gm)
+        index = {n: i for i, n in enumerate(graph.nodes)}
+        modules = dict(gm.named_modules())
+        in_scores = _score_additions(gm, modules)
         for root, info in find_sums(gm).items():
             root.meta[SUM] = info
             tree = {by_name[a] for a in info.adds}
@@ -138,7 +142,7 @@ class FindUnits(PassBase):
                     k += 1
                     uid = f"{base}_{k}"
                 used_ids.add(uid)
-                order = [n.name for n in graph.nodes if n in members]
+                order = [n.name for n in sorted(members, key=index.__getitem__)]
                 unit = OpUnit(id=uid, sum_node=root.name, nodes=tuple(order), path=path)
                 leaf.meta[OP_UNIT] = unit
                 units.append((unit, members))
@@ -148,19 +152,20 @@ class FindUnits(PassBase):
                 n.meta[MEMBER] = unit.id
 
         # 2. Layers: which get filter gates and weight masks, and whose thresholds they use.
-        analysis = analyze_channels(gm)
+        analysis = analyze_channels(gm, modules=modules)
+        views = {n: layer_view(gm, n, modules) for n in graph.nodes}
         after_layer: dict[fx.Node, bool] = {}
         for n in graph.nodes:
-            after_layer[n] = any(after_layer.get(a, False) or layer_view(gm, a) is not None
+            after_layer[n] = any(after_layer.get(a, False) or views[a] is not None
                                  for a in n.all_input_nodes)
         reaches_output: dict[fx.Node, bool] = {}  # its values, through no other conv/linear: the classifier
         for n in reversed(graph.nodes):
             reaches_output[n] = n.op == "output" or tensor_shape(n) is not None and any(
-                reaches_output.get(u, False) and layer_view(gm, u) is None for u in n.users)
+                reaches_output.get(u, False) and views[u] is None for u in n.users)
         n_layers = 0
-        shared = shared_layer_paths(gm)
+        shared = shared_layer_paths(gm, modules)
         for n in graph.nodes:
-            lv = layer_view(gm, n)
+            lv = views[n]
             if lv is None or lv.path in shared:  # weights used at several call sites stay whole
                 continue
             n_layers += 1
@@ -168,23 +173,22 @@ class FindUnits(PassBase):
             fixed_out = bool(out_classes) and out_classes <= analysis.fixed
             head = reaches_output[n]
             stem = not after_layer[lv.x] and lv.x.op == "placeholder" or not after_layer[lv.x]
-            producer = node_kind(gm, n) == Kind.LAYER and lv.kind in ("conv", "linear")
+            producer = node_kind(gm, n, modules) == Kind.LAYER and lv.kind in ("conv", "linear")
             filter_gate = (self.config.filter_gates and producer and not fixed_out and not head
-                           and not _gate_would_precede_bn(gm, n))
+                           and not _gate_would_precede_bn(gm, n, modules))
             weight_mask = (self.config.weight_masks and lv.kind in ("conv", "dwconv", "gconv", "linear")
                            and (self.config.mask_stem or not stem) and (self.config.mask_head or not head))
             scope = n.meta.get(MEMBER) or sanitize(lv.path)
             n.meta[LAYER] = LayerInfo(module=lv.path, kind=lv.kind, scope=scope,
                                       filter_gate=filter_gate, weight_mask=weight_mask)
         log.info("find_units: %d operation units, %d layers", len(units), n_layers)
-        return PassResult(gm, True)
+        return PassResult(gm, False)
 
 
-def _score_additions(gm: fx.GraphModule) -> set[fx.Node]:
+def _score_additions(gm: fx.GraphModule, modules: dict) -> set[fx.Node]:
     """The additions inside attention scores (``q kᵀ + bias``): their inputs are not
     operations, and the head units (``find_heads``) cut their per-head masks."""
     from granular.passes._attention import find_core
-    modules = dict(gm.named_modules())
     out: set[fx.Node] = set()
     for n in gm.graph.nodes:
         core = find_core(n, modules) if n.op in ("call_function", "call_method") else None
@@ -193,11 +197,11 @@ def _score_additions(gm: fx.GraphModule) -> set[fx.Node]:
     return out
 
 
-def _gate_would_precede_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _gate_would_precede_bn(gm: fx.GraphModule, node: fx.Node, modules: dict) -> bool:
     """True when the layer's output reaches a BatchNorm only through other nodes (a concat,
     say): a filter gate there would sit before the norm, which cancels it in training mode."""
     users = list(node.users)
-    if len(users) == 1 and node_kind(gm, users[0]) == Kind.BN:
+    if len(users) == 1 and node_kind(gm, users[0], modules) == Kind.BN:
         return False
     frontier, seen = list(users), set()
     while frontier:
@@ -205,7 +209,7 @@ def _gate_would_precede_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
         if u in seen:
             continue
         seen.add(u)
-        k = node_kind(gm, u)
+        k = node_kind(gm, u, modules)
         if k == Kind.BN:
             return True
         if k in (Kind.MOVE, Kind.POINTWISE, Kind.PAD, Kind.SCALE):

@@ -18,6 +18,7 @@ the graph now says so. ``trace`` runs it.
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -35,15 +36,17 @@ def _trailing_underscore(name: str) -> bool:
     return name.endswith("_") and not name.startswith("_")
 
 
-def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether ``node`` changes its first argument in place and returns it."""
+def is_inplace(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None) -> bool:
+    """Whether ``node`` changes its first argument in place and returns it (``modules``: a
+    ``named_modules`` cache)."""
     if node.op == "call_method":
         return _trailing_underscore(str(node.target))
     if node.op == "call_function":
         return (node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True
                 or _trailing_underscore(getattr(node.target, "__name__", "")))
     if node.op == "call_module":
-        return getattr(gm.get_submodule(str(node.target)), "inplace", False) is True
+        m = modules[node.target] if modules is not None else gm.get_submodule(str(node.target))
+        return getattr(m, "inplace", False) is True
     return False
 
 
@@ -52,10 +55,11 @@ class ThreadInplaceOps(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        modules = dict(gm.named_modules())
         changed = False
         for node in gm.graph.nodes:
             src = node.args[0] if node.args else None
-            if not isinstance(src, fx.Node) or not is_inplace(gm, node):
+            if not isinstance(src, fx.Node) or not is_inplace(gm, node, modules):
                 continue
             for user in [u for u in src.users if u is not node and order[u] > order[node]]:
                 user.replace_input_with(src, node)

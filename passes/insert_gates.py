@@ -105,12 +105,13 @@ class InsertGates(PassBase):
                                  f"{GATE_ROOT}.scopes.{head.scope}.t_beta", node, GateInfo("filter", head.key, head.scope))
             gate.meta[HEADS] = head
 
+        modules = dict(gm.named_modules())  # with the α and head gates a layer's user may be
         for node, info in layers:
             key = sanitize(info.module)
-            lv = layer_view(gm, node)
+            lv = layer_view(gm, node, modules)
             if info.filter_gate:
                 users = list(node.users)
-                where = users[0] if len(users) == 1 and node_kind(gm, users[0]) == Kind.BN else node
+                where = users[0] if len(users) == 1 and node_kind(gm, users[0], modules) == Kind.BN else node
                 out_shape = node.meta["tensor_meta"].shape
                 bank.filter[key] = FilterGate(lv.out_channels, channels_last=lv.kind == "linear" and len(out_shape) > 2)
                 _insert_after(graph, where, f"{GATE_ROOT}.filter.{key}", f"{GATE_ROOT}.scopes.{info.scope}.t_beta",

@@ -24,8 +24,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from granular.errors import TraceError
-from granular.passes.decompose import decompose_attention, decompose_norm_act
-from granular.passes.inplace import thread_inplace_ops
+from granular.passes._manager import run_passes
+from granular.passes.decompose import DecomposeNormAct, decompose_attention
+from granular.passes.inplace import ThreadInplaceOps
 
 __all__ = ["trace", "register_leaf_module", "register_leaf_function", "GranularTracer", "AUTO_LEAVES"]
 
@@ -143,8 +144,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         example_inputs = (example_inputs,)
     with _caches_restored(model):
         gm = _trace(model, example_inputs, leaf_modules, autowrap_functions, auto_leaf)
-    decompose_norm_act(gm)
-    thread_inplace_ops(gm)
+    gm = run_passes(gm, [DecomposeNormAct(), ThreadInplaceOps()])
     propagate_shapes(gm, example_inputs)
     if any(n.op == "call_module" and type(gm.get_submodule(n.target)) is nn.MultiheadAttention
            for n in gm.graph.nodes):

@@ -45,6 +45,42 @@ def test_the_manager_recompiles_after_each_pass():
     torch.testing.assert_close(out(x), torch.sigmoid(x) + 1)
 
 
+class _CountTargets(PassBase):
+    """An analysis: records the call targets it sees, changes nothing."""
+
+    mutates = False
+
+    def __init__(self):
+        self.seen = []
+
+    def call(self, gm):
+        self.seen = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        return PassResult(gm, False)
+
+
+def test_analyses_run_in_order_without_a_recompile():
+    """An analysis between two transforms sees the first one's graph; the manager does not
+    recompile the graph for it (that cost half a second per analysis on a super-net)."""
+    gm = fx.symbolic_trace(_Net())
+    count = _CountTargets()
+    recompiles = []
+    real = fx.GraphModule.recompile
+
+    def counting(self):
+        recompiles.append(self)
+        return real(self)
+
+    fx.GraphModule.recompile = counting
+    try:
+        out = run_passes(gm, [_ReluToSigmoid(), count])
+    finally:
+        fx.GraphModule.recompile = real
+    assert torch.sigmoid in count.seen and torch.relu not in count.seen
+    assert len(recompiles) == 1  # the transform's, not the analysis's
+    x = torch.randn(5)
+    torch.testing.assert_close(out(x), torch.sigmoid(x) + 1)
+
+
 def test_a_failing_pass_raises_its_own_error():
     with pytest.raises(ValueError, match="the pass's own message"):
         run_passes(fx.symbolic_trace(_Net()), [_Fails()])
