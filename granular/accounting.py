@@ -55,17 +55,29 @@ class ParamCounter:
     """:func:`count_params` for one graph counted many times while only its gates and masks
     change, as a pruning round does while it searches for the units to commit.
 
-    The channel analysis is reused while the same operations are pruned, and the constants
-    of per-channel nodes while their inputs are (:class:`~granular.passes.export.PlanCache`).
-    Each count is still exact. Make a new counter after training steps or graph edits.
+    The channel analysis is reused while the same operations are pruned, the constants of
+    per-channel nodes while their inputs are, and each folded layer or norm (with its nonzero
+    count) while its kept channels, gate values, input constants and stored ω mask are
+    (:class:`~granular.passes.export.PlanCache`). Each count is still exact. Make a new
+    counter after training steps or graph edits.
     """
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
-        self.cache = PlanCache()
+        self.cache = PlanCache(folds={})
+        self._nonzero: dict[int, tuple[torch.Tensor, int]] = {}
 
     def __call__(self) -> ParamCount:
-        return _count(plan_export(self.gm, self.cache).parameters())
+        total = nonzero = 0
+        seen: dict[int, tuple[torch.Tensor, int]] = {}
+        for p in plan_export(self.gm, self.cache).parameters():
+            hit = self._nonzero.get(id(p))  # a layer or norm reused from the last count: same tensor
+            nz = hit[1] if hit is not None and hit[0] is p else int(torch.count_nonzero(p.detach()))
+            seen[id(p)] = (p, nz)
+            total += p.numel()
+            nonzero += nz
+        self._nonzero = seen
+        return ParamCount(total, nonzero)
 
     def by_stage(self) -> dict[int, ParamCount]:
         """The count split by resolution stage (see :func:`count_params_by_stage`)."""

@@ -113,27 +113,46 @@ def gate_value(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None
         return module_of(gm, node, modules).eval_value()
 
 
-def effective_weight(gm: fx.GraphModule, lv: LayerView, modules: Optional[dict] = None) -> torch.Tensor:
-    """The layer's weight with its eval-mode ω mask applied."""
-    w = lv.module.weight.detach()
+def _stored_mask(gm: fx.GraphModule, lv: LayerView, modules: Optional[dict] = None) -> Optional[torch.Tensor]:
+    """The stored ω mask of a gated layer, else None."""
     if lv.node.op == "call_function":
         wm_node = lv.node.args[1]
         if isinstance(wm_node, fx.Node) and wm_node.op == "call_module":
             m = module_of(gm, wm_node, modules)
             if isinstance(m, WeightMask):
-                return w * m.mask
-    return w
+                return m.mask
+    return None
 
 
-def _zero_and_alive(gm: fx.GraphModule, kinds, modules) -> tuple[set[fx.Node], set[fx.Node]]:
+def effective_weight(gm: fx.GraphModule, lv: LayerView, modules: Optional[dict] = None) -> torch.Tensor:
+    """The layer's weight with its eval-mode ω mask applied."""
+    w = lv.module.weight.detach()
+    mask = _stored_mask(gm, lv, modules)
+    return w if mask is None else w * mask
+
+
+def _zero_and_alive(gm: fx.GraphModule, cache: "PlanCache") -> tuple[set[fx.Node], set[fx.Node]]:
+    """The nodes that are exactly zero (pruned α gates, sums of them) and the nodes the output
+    still reads; the second is reused from ``cache`` while the first is the same."""
+    kinds, modules = cache.kinds, cache.modules
+    if cache.sum_order is None:  # α gates and sums, in graph order
+        cache.sum_order = [n for n in gm.graph.nodes
+                           if getattr(n.meta.get(GATE), "kind", None) == "op" or kinds.get(n) == Kind.ADD]
     zero: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        info = n.meta.get(GATE)
-        if info is not None and info.kind == "op":
-            if float(gate_value(gm, n, modules)) == 0.0:
+    for n in cache.sum_order:
+        if kinds.get(n) == Kind.ADD:
+            if all(a in zero for a in n.args):
                 zero.add(n)
-        elif kinds.get(n) == Kind.ADD and all(a in zero for a in n.args):
+        elif float(gate_value(gm, n, modules)) == 0.0:
             zero.add(n)
+    if cache.alive is not None and cache.alive[0] == zero:
+        return zero, cache.alive[1]
+    alive = _alive(gm, kinds, zero)
+    cache.alive = (frozenset(zero), alive)
+    return zero, alive
+
+
+def _alive(gm: fx.GraphModule, kinds, zero: set[fx.Node]) -> set[fx.Node]:
     alive: set[fx.Node] = set()
     out = [n for n in gm.graph.nodes if n.op == "output"]
     stack = list(out)
@@ -150,7 +169,7 @@ def _zero_and_alive(gm: fx.GraphModule, kinds, modules) -> tuple[set[fx.Node], s
                 raise GranularError(f"export: {n.format_node()} reads {a.name}, whose every operation is "
                                     f"pruned; keep one operation per sum (last-op protection)")
             stack.append(a)
-    return zero, alive
+    return alive
 
 
 def _reads_as_data(gm, user: fx.Node, attr: fx.Node, modules) -> bool:
@@ -179,6 +198,9 @@ class PlanCache:
     zero: Optional[frozenset] = None
     analysis: Optional[ChannelAnalysis] = None
     constants: dict = field(default_factory=dict)
+    folds: Optional[dict] = None  # node -> (inputs, its stored ω mask, folded layer or norm): None = keep none
+    sum_order: Optional[list] = None
+    alive: Optional[tuple] = None
 
 
 def plan_export(gm: fx.GraphModule, cache: Optional[PlanCache] = None) -> ExportPlan:
@@ -198,7 +220,7 @@ def _plan(gm: fx.GraphModule, cache: PlanCache) -> ExportPlan:
         cache.modules = dict(gm.named_modules())
         cache.kinds = {n: node_kind(gm, n, cache.modules) for n in gm.graph.nodes}
     modules = cache.modules
-    zero, alive = _zero_and_alive(gm, cache.kinds, modules)
+    zero, alive = _zero_and_alive(gm, cache)
     if cache.analysis is None or cache.zero != frozenset(zero):
         cache.zero, cache.analysis = frozenset(zero), analyze_channels(gm, alive, modules)
     analysis = cache.analysis
@@ -248,11 +270,11 @@ def _plan(gm: fx.GraphModule, cache: PlanCache) -> ExportPlan:
             continue
         k = kinds.get(n)
         if n in analysis.layers and n not in plan.folded_into:
-            _plan_layer(gm, plan, n, kinds, gv, consts, modules)
+            _plan_layer(gm, plan, n, kinds, gv, consts, modules, cache.folds)
         elif layer_view(gm, n, modules) is not None and n not in analysis.layers:  # channels fixed
             _plan_fixed_layer(gm, plan, n, modules)
         elif k == Kind.BN and n not in plan.folded_into:
-            _plan_norm(gm, plan, n, kinds, gv, modules)
+            _plan_norm(gm, plan, n, kinds, gv, modules, cache.folds)
         elif k == Kind.GATE_OP and n not in plan.folded_into:
             plan.literals[n] = float(gv[n])
         elif k == Kind.GATE_FILTER and HEADS in n.meta:
@@ -303,10 +325,45 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return s, b
 
 
-def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules) -> None:
+def _key(*tensors) -> tuple:
+    return tuple(t.detach().numpy().tobytes() for t in tensors)
+
+
+def _reuse(folds: Optional[dict], n: fx.Node, key: tuple, mask: Optional[torch.Tensor]):
+    """The layer or norm folded for ``n`` by an earlier count of the same graph, if every input
+    of the fold is the same (its kept positions, gate values, constants and stored ω mask)."""
+    if folds is None or n not in folds:
+        return None
+    old_key, old_mask, folded = folds[n]
+    if old_key != key or (mask is not None and not torch.equal(old_mask, mask)):
+        return None
+    return folded
+
+
+def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules, folds=None) -> None:
     lv = plan.layers[n]
-    m = lv.module
     chain = _chain(n, kinds, plan.alive, allow_bn=True)
+    for c in chain:
+        plan.folded_into[c] = n
+    plan.module_of_node[n] = lv.path
+    mask = _stored_mask(gm, lv, modules)
+    key = None
+    if folds is not None:
+        inputs = [plan.keep[n], plan.keep[lv.x], consts.get(lv.x)] + [gv[c] for c in chain if c in gv]
+        key = (tuple(chain),) + _key(*(t for t in inputs if t is not None))
+        hit = _reuse(folds, n, key, mask)
+        if hit is not None:
+            plan.modules[lv.path] = hit
+            return
+    plan.modules[lv.path] = folded = _fold_layer(gm, plan, n, lv, chain, kinds, gv, consts, modules)
+    if folds is not None:
+        folds[n] = (key, None if mask is None else mask.clone(), folded)
+
+
+def _fold_layer(gm, plan: ExportPlan, n: fx.Node, lv: LayerView, chain, kinds, gv, consts, modules) -> "FoldedLayer":
+    """The layer sliced to its kept channels, with its norm and gates folded in and the
+    constants of its removed inputs folded into its bias."""
+    m = lv.module
     w = effective_weight(gm, lv, modules)
     out_keep = plan.keep[n]
     c_out = w.shape[0]
@@ -322,7 +379,6 @@ def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules) ->
         else:
             g = gv[c].reshape(-1).expand(c_out) if gv[c].dim() else gv[c].expand(c_out)
             s, b = s * g, b * g
-        plan.folded_into[c] = n
     if lv.kind == "dwconv":
         w_new = w[out_keep]
         in_keep = out_keep
@@ -355,9 +411,8 @@ def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules) ->
     w_new = (w_new * scale).contiguous()
     b_new = (bias * s + b)[out_keep].contiguous()
     groups = len(out_keep) if lv.kind == "dwconv" else getattr(m, "groups", 1)
-    plan.modules[lv.path] = FoldedLayer(m, len(in_keep), len(out_keep), groups, w_new.to(m.weight.dtype),
-                                        b_new.to(m.weight.dtype) if has_bias else None)
-    plan.module_of_node[n] = lv.path
+    return FoldedLayer(m, len(in_keep), len(out_keep), groups, w_new.to(m.weight.dtype),
+                       b_new.to(m.weight.dtype) if has_bias else None)
 
 
 @dataclass
@@ -406,16 +461,25 @@ def _plan_fixed_layer(gm, plan: ExportPlan, n: fx.Node, modules) -> None:
     plan.layers[n] = lv
 
 
-def _plan_norm(gm, plan: ExportPlan, n: fx.Node, kinds, gv, modules) -> None:
+def _plan_norm(gm, plan: ExportPlan, n: fx.Node, kinds, gv, modules, folds=None) -> None:
     bn = module_of(gm, n, modules)
     chain = _chain(n, kinds, plan.alive, allow_bn=False)
     keep = plan.keep[n]
+    for u in chain:
+        plan.folded_into[u] = n
+    plan.module_of_node[n] = str(n.target)
+    key = None
+    if folds is not None:
+        key = (tuple(chain),) + _key(keep, *(gv[u] for u in chain))
+        hit = _reuse(folds, n, key, None)
+        if hit is not None:
+            plan.modules[str(n.target)] = hit
+            return
     c = bn.num_features
     g = torch.ones(c)
     for u in chain:
         gu = gv[u]
         g = g * (gu.reshape(-1).expand(c) if gu.dim() else gu.expand(c))
-        plan.folded_into[u] = n
     affine = bn.affine or bool(chain)
     new = type(bn)(len(keep), eps=bn.eps, momentum=bn.momentum, affine=affine,
                    track_running_stats=bn.track_running_stats)
@@ -430,7 +494,8 @@ def _plan_norm(gm, plan: ExportPlan, n: fx.Node, kinds, gv, modules) -> None:
             new.weight.copy_((w * g)[keep])
             new.bias.copy_((bias * g)[keep])
     plan.modules[str(n.target)] = new
-    plan.module_of_node[n] = str(n.target)
+    if folds is not None:
+        folds[n] = (key, None, new)
 
 
 def build_export(gm: fx.GraphModule, plan: ExportPlan) -> fx.GraphModule:

@@ -130,6 +130,18 @@ def test_param_counter_reused_across_mask_changes_stays_exact(name):
         assert counter() == fresh
         counts.add(fresh)
     assert len(counts) >= 4  # the masks did change the count
+    # one weight or one filter at a time, changed in place: the counter reuses every other fold
+    bank = granular.masks.gate_bank(gm)
+    changed = 0
+    for m in list(bank.weight.values())[::5][:6] + list(bank.filter.values())[::5][:6]:
+        if m.mask.sum() < 2:
+            continue
+        before = counter()
+        m.mask.view(-1)[int(m.mask.view(-1).argmax())] = 0.0
+        fresh = granular.count_params(gm)
+        assert counter() == fresh
+        changed += fresh != before
+    assert changed >= 2
 
 
 class _InplaceAfterNorm(nn.Module):
