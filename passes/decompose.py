@@ -103,7 +103,7 @@ def _plain_linear(weight: nn.Parameter, bias) -> nn.Linear:
     return lin
 
 
-def _opens(gm: fx.GraphModule, node: fx.Node, m: nn.Module) -> bool:
+def _opens(node: fx.Node, m: nn.Module) -> bool:
     """Whether this call computes exactly what the opened form does (module docstring)."""
     args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value")[len(node.args):]]
     kw = {k: v for k, v in node.kwargs.items() if k not in ("query", "key", "value")}
@@ -139,7 +139,7 @@ class DecomposeAttention(PassBase):
             if node.op != "call_module":
                 continue
             m = gm.get_submodule(node.target)
-            if type(m) is not nn.MultiheadAttention or not _opens(gm, node, m):
+            if type(m) is not nn.MultiheadAttention or not _opens(node, m):
                 continue
             x = node.args[0] if node.args else node.kwargs["query"]
             path = str(node.target)
