@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import pathlib
 import tempfile
+from typing import Optional
 
 import torch
 from torch import nn
@@ -46,12 +47,20 @@ def _check(name: str, got: list[torch.Tensor], ref: list[torch.Tensor], rtol: fl
                           f"not written: please report this with the model")
 
 
-def _batch_dims(inputs: tuple) -> tuple:
-    return tuple({0: torch.export.Dim("batch", min=1)} for _ in inputs)
+def _batched(inputs: tuple) -> list[bool]:
+    """Which inputs carry the batch: those whose first size is the first input's."""
+    n = inputs[0].shape[0] if inputs[0].dim() else None
+    return [x.dim() >= 1 and x.shape[0] == n for x in inputs]
 
 
-def _pt2(model: nn.Module, inputs: tuple, tmp: str) -> None:
-    program = torch.export.export(model, inputs, dynamic_shapes=_batch_dims(inputs))
+def _dims(batched: list[bool], dynamic: bool) -> Optional[tuple]:
+    if not dynamic:
+        return None
+    return tuple({0: torch.export.Dim("batch", min=1)} if b else None for b in batched)
+
+
+def _pt2(model: nn.Module, inputs: tuple, tmp: str, batched: list[bool], dynamic: bool) -> None:
+    program = torch.export.export(model, inputs, dynamic_shapes=_dims(batched, dynamic))
     torch.export.save(program, tmp)
 
 
@@ -60,15 +69,15 @@ def _run_pt2(path: str, inputs: tuple) -> list[torch.Tensor]:
         return flat_outputs(torch.export.load(path).module()(*inputs))
 
 
-def _onnx(model: nn.Module, inputs: tuple, tmp: str) -> None:
+def _onnx(model: nn.Module, inputs: tuple, tmp: str, batched: list[bool], dynamic: bool) -> None:
     names = [f"input_{i}" for i in range(len(inputs))]
     try:
-        torch.onnx.export(model, inputs, tmp, dynamo=True, dynamic_shapes=_batch_dims(inputs), input_names=names,
+        torch.onnx.export(model, inputs, tmp, dynamo=True, dynamic_shapes=_dims(batched, dynamic), input_names=names,
                           external_data=False)
     except Exception as err:  # noqa: BLE001 - the TorchScript exporter is the documented fallback
         try:
-            torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=names,
-                              dynamic_axes={n: {0: "batch"} for n in names})
+            axes = {n: {0: "batch"} for n, b in zip(names, batched) if b and dynamic}
+            torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=names, dynamic_axes=axes or None)
         except Exception:  # noqa: BLE001 - the dynamo exporter's error is the one to report
             raise err from None
 
@@ -102,23 +111,32 @@ def save_format(model: nn.Module, directory: pathlib.Path, fmt: str, example_inp
         _require_onnx()
     model = model.eval().cpu()
     inputs = tuple(x.cpu() for x in _inputs(example_inputs))
-    if inputs[0].shape[0] == 1:  # exporters specialise a batch of 1 into the program: trace two samples
-        inputs = tuple(torch.cat([x, x]) for x in inputs)
-    with torch.no_grad():
-        ref = flat_outputs(model(*inputs))
+    batched, dynamic, ref = _batched(inputs), True, None
+    if inputs[0].dim() and inputs[0].shape[0] == 1:  # exporters fix a batch of 1 in the program: trace two samples
+        doubled = tuple(torch.cat([x, x]) if b else x for x, b in zip(inputs, batched))
+        try:
+            with torch.no_grad():
+                ref = flat_outputs(model(*doubled))
+            inputs = doubled
+        except Exception:  # noqa: BLE001 - a model that takes one sample only: its batch stays fixed
+            dynamic = False
+    if ref is None:
+        with torch.no_grad():
+            ref = flat_outputs(model(*inputs))
     write, run = (_onnx, _run_onnx) if fmt == "onnx" else (_pt2, _run_pt2)
     target = directory / FORMATS[fmt]
     with tempfile.TemporaryDirectory() as d:
         probe = str(pathlib.Path(d) / FORMATS[fmt])
         try:
-            write(model, inputs, probe)
+            write(model, inputs, probe, batched, dynamic)
         except Exception as err:  # noqa: BLE001 - reported in one line, with the exporter's first line
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise ExportError(f"the {fmt} exporter failed on this model ({type(err).__name__}: {first})") from None
         _check(fmt, run(probe, inputs), ref, rtol)
-        one = tuple(x[:1] for x in inputs)  # the batch dimension is dynamic: one sample must run too
-        with torch.no_grad():
-            _check(f"{fmt} (batch 1)", run(probe, one), flat_outputs(model(*one)), rtol)
+        if dynamic and inputs[0].shape[0] > 1:  # the batch dimension is dynamic: one sample must run too
+            one = tuple(x[:1] if b else x for x, b in zip(inputs, batched))
+            with torch.no_grad():
+                _check(f"{fmt} (batch 1)", run(probe, one), flat_outputs(model(*one)), rtol)
         directory.mkdir(parents=True, exist_ok=True)
         data = pathlib.Path(probe).read_bytes()
     atomic_write(target, lambda tmp: pathlib.Path(tmp).write_bytes(data))

@@ -326,7 +326,7 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _key(*tensors) -> tuple:
-    return tuple(t.detach().numpy().tobytes() for t in tensors)
+    return tuple(t.detach().cpu().numpy().tobytes() for t in tensors)
 
 
 def _reuse(folds: Optional[dict], n: fx.Node, key: tuple, mask: Optional[torch.Tensor]):
@@ -349,7 +349,7 @@ def _plan_layer(gm, plan: ExportPlan, n: fx.Node, kinds, gv, consts, modules, fo
     mask = _stored_mask(gm, lv, modules)
     key = None
     if folds is not None:
-        inputs = [plan.keep[n], plan.keep[lv.x], consts.get(lv.x)] + [gv[c] for c in chain if c in gv]
+        inputs = [plan.keep[n], plan.keep.get(lv.x), consts.get(lv.x)] + [gv[c] for c in chain if c in gv]
         key = (tuple(chain),) + _key(*(t for t in inputs if t is not None))
         hit = _reuse(folds, n, key, mask)
         if hit is not None:

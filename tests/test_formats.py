@@ -64,6 +64,40 @@ def test_an_example_of_one_sample_still_gives_a_dynamic_batch(compact, tmp_path,
     torch.testing.assert_close(out, model(batch).detach(), rtol=1e-4, atol=1e-5)
 
 
+class _WithTable(torch.nn.Module):
+    """Two inputs, only the first batched: the table must not be doubled or made dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x, table):
+        return self.fc(x + table)
+
+
+class _OneSampleOnly(torch.nn.Module):
+    """Flattens with a literal batch of 1: the file keeps that fixed batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.view(1, -1))
+
+
+def test_inputs_without_the_batch_and_models_of_one_sample_export(tmp_path):
+    table, model = torch.randn(4), _WithTable().eval()
+    granular.save(model, tmp_path / "table", format="pt2", example_inputs=(torch.randn(1, 4), table))
+    program = torch.export.load(tmp_path / "table" / "model.pt2").module()
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(program(x, table), model(x, table))
+    model = _OneSampleOnly().eval()
+    granular.save(model, tmp_path / "one", format="pt2", example_inputs=torch.randn(1, 4))
+    one = torch.randn(1, 4)
+    torch.testing.assert_close(torch.export.load(tmp_path / "one" / "model.pt2").module()(one), model(one))
+
+
 def test_a_format_that_computes_something_else_is_not_written(compact, tmp_path, monkeypatch):
     model, x = compact
     import granular.formats as formats
