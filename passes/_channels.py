@@ -121,7 +121,7 @@ def _channel_dim_size(node: fx.Node) -> Optional[int]:
 
 
 def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
-                     modules: Optional[dict] = None) -> ChannelAnalysis:
+                     modules: Optional[dict] = None, kinds: Optional[dict] = None) -> ChannelAnalysis:
     """Group channel positions into coupled classes (see module docstring).
 
     Args:
@@ -129,6 +129,8 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
         alive: if given, only these nodes are analysed; an add with one dead input passes
             the other through (this is how export sees pruned operations).
         modules: optional ``dict(gm.named_modules())`` cache.
+        kinds: optional ``node_kind`` of every node (a cache; the analysis may still record a
+            node as ``OTHER`` when it cannot follow it).
     """
     modules = modules if modules is not None else dict(gm.named_modules())
     uf = _UnionFind()
@@ -156,7 +158,7 @@ def analyze_channels(gm: fx.GraphModule, alive: Optional[set[fx.Node]] = None,
     for node in gm.graph.nodes:
         if alive is not None and node not in alive:
             continue
-        kind = node_kind(gm, node, modules)
+        kind = kinds[node] if kinds is not None else node_kind(gm, node, modules)
         res.kinds[node] = kind
         shape = tensor_shape(node)
         size = _channel_dim_size(node)

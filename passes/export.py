@@ -222,7 +222,7 @@ def _plan(gm: fx.GraphModule, cache: PlanCache) -> ExportPlan:
     modules = cache.modules
     zero, alive = _zero_and_alive(gm, cache)
     if cache.analysis is None or cache.zero != frozenset(zero):
-        cache.zero, cache.analysis = frozenset(zero), analyze_channels(gm, alive, modules)
+        cache.zero, cache.analysis = frozenset(zero), analyze_channels(gm, alive, modules, cache.kinds)
     analysis = cache.analysis
     kinds = analysis.kinds
     gv = {n: gate_value(gm, n, modules) for n in alive if kinds.get(n) in (Kind.GATE_OP, Kind.GATE_FILTER)}
