@@ -20,11 +20,14 @@ nothing is written.
 
 from __future__ import annotations
 
+import copy
 import pathlib
+import re
 import tempfile
 from typing import Optional
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from granular.errors import ExportError, GranularError
@@ -79,7 +82,16 @@ def _onnx(model: nn.Module, inputs: tuple, tmp: str, batched: list[bool], dynami
             axes = {n: {0: "batch"} for n, b in zip(names, batched) if b and dynamic}
             torch.onnx.export(model, inputs, tmp, dynamo=False, input_names=names, dynamic_axes=axes or None)
         except Exception:  # noqa: BLE001 - the dynamo exporter's error is the one to report
-            raise err from None
+            raise err  # noqa: B904 - keeps its own cause chain (the op that failed)
+
+
+def _onnx_ready(model: nn.Module) -> nn.Module:
+    """A copy whose attention runs on 4-d q, k, v where the model's has more dimensions (the
+    ONNX exporter translates only 4-d attention: :mod:`granular.passes.flatten_attention`)."""
+    from granular.passes.flatten_attention import flatten_attention, needs_flattening
+    if isinstance(model, fx.GraphModule) and any(needs_flattening(n) for n in model.graph.nodes):
+        return flatten_attention(copy.deepcopy(model))
+    return model
 
 
 def _run_onnx(path: str, inputs: tuple) -> list[torch.Tensor]:
@@ -110,6 +122,8 @@ def save_format(model: nn.Module, directory: pathlib.Path, fmt: str, example_inp
     if fmt == "onnx":
         _require_onnx()
     model = model.eval().cpu()
+    if fmt == "onnx":
+        model = _onnx_ready(model)
     inputs = tuple(x.cpu() for x in _inputs(example_inputs))
     batched, dynamic, ref = _batched(inputs), True, None
     if inputs[0].dim() and inputs[0].shape[0] == 1:  # exporters fix a batch of 1 in the program: trace two samples
@@ -129,8 +143,10 @@ def save_format(model: nn.Module, directory: pathlib.Path, fmt: str, example_inp
         probe = str(pathlib.Path(d) / FORMATS[fmt])
         try:
             write(model, inputs, probe, batched, dynamic)
-        except Exception as err:  # noqa: BLE001 - reported in one line, with the exporter's first line
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        except Exception as err:  # noqa: BLE001 - reported in one line: the innermost cause's first line
+            while err.__cause__ is not None:  # the exporters wrap the failing op's error in their own
+                err = err.__cause__
+            first = re.sub(r"\x1b\[[0-9;]*m", "", (str(err).strip().splitlines() or [type(err).__name__])[0])[:200]
             raise ExportError(f"the {fmt} exporter failed on this model ({type(err).__name__}: {first})") from None
         _check(fmt, run(probe, inputs), ref, rtol)
         if dynamic and inputs[0].shape[0] > 1:  # the batch dimension is dynamic: one sample must run too

@@ -12,6 +12,7 @@
     restore_norms (passes/restore_norms.py) transform: fresh BatchNorms where export folded them
     fold_norms   (passes/fold_norms.py)    transform: those norms folded back (after fine-tuning)
     retrain_graph (passes/retrain_graph.py) transform: drop-path and an auxiliary head (retraining)
+    flatten_attention (passes/flatten_attention.py) transform: attention on 4-d q/k/v (before ONNX export)
 
 ``trace`` runs ``decompose_norm_act`` (passes/decompose.py) on timm's fused norm+act leaves,
 ``decompose_attention`` (same file) on self-attention ``nn.MultiheadAttention`` leaves,

@@ -150,3 +150,40 @@ def test_check_export_reports_each_format_apart_from_exactness(monkeypatch):
     monkeypatch.setattr(formats, "_run_pt2", lambda path, inputs: [torch.zeros(2, 10)])
     res = granular.testing.check_export(user_model("resnet_like"), x, formats=("pt2",))
     assert res.ok and "does not compute what the compact model does" in res.formats["pt2"]
+
+
+class _WindowAttention(torch.nn.Module):
+    """NesT's shape: attention over (batch, windows, heads, tokens, dim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.qkv, self.proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
+        self.fc1, self.fc2, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):  # x: (B, W, N, 8)
+        b, w, n, _ = x.shape
+        h = self.stem(x)
+        q, k, v = self.qkv(h).reshape(b, w, n, 3, 2, 4).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        h = h + self.proj(y.transpose(2, 3).reshape(b, w, n, 8))
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h)
+
+
+def test_attention_over_five_dimensions_exports_to_onnx(tmp_path):
+    """The ONNX exporter translates 4-d attention only: save flattens the leading dimensions
+    on a copy (NesT failed `--format onnx` pruned or not); the model itself is unchanged."""
+    ort = pytest.importorskip("onnxruntime", reason="the optional onnx extra: pip install 'granular[onnx]'")
+    pytest.importorskip("onnxscript")
+    from granular.passes.flatten_attention import needs_flattening
+    x = torch.randn(2, 3, 5, 8)
+    gm = granular.prepare(_WindowAttention().eval(), x)
+    granular.testing.random_masks_(gm, op=0.0, filter=0.3, weight=0.3, seed=0)
+    model = granular.export(gm.eval())
+    assert any(needs_flattening(n) for n in model.graph.nodes)
+    granular.save(model, tmp_path, format="onnx", example_inputs=x)
+    assert any(needs_flattening(n) for n in model.graph.nodes)  # the copy was rewritten, not the model
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = torch.randn(4, 3, 5, 8)
+    (out,) = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(batch).detach(), rtol=1e-4, atol=1e-5)
