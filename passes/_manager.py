@@ -6,7 +6,9 @@ the pass's own exception (the manager's wrapper, which names the pass, is its ca
 
 Analyses (a pass class with ``mutates = False``: it writes ``node.meta`` and nothing else) run
 outside the manager: it would recompile and lint the unchanged graph after them, which on a
-20,000-node super-net costs about half a second each and was a third of ``prepare``.
+20,000-node super-net costs about half a second each and was a third of ``prepare``. For the
+same reason a transform may say, with ``applies(gm) -> bool``, that it has nothing to do on a
+graph (no fused norm+act module, no in-place op, kernels off); it is then skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Callable]) -> fx.GraphModule
     and checked after each), analyses directly."""
     pending: list[Callable] = []
     for p in passes:
+        if hasattr(p, "applies"):
+            gm, pending = _managed(gm, pending), []  # it must see the graph the transforms before it leave
+            if not p.applies(gm):
+                continue
         if getattr(p, "mutates", True):
             pending.append(p)
             continue

@@ -64,6 +64,10 @@ def _plain_batchnorm(m: nn.BatchNorm2d) -> nn.BatchNorm2d:
 class DecomposeNormAct(PassBase):
     """Transform: BatchNormAct2d leaves -> BatchNorm2d, dropout and activation nodes."""
 
+    def applies(self, gm: fx.GraphModule) -> bool:
+        """Whether the graph calls a fused norm+act module (``run_passes`` skips it otherwise)."""
+        return any(_is_norm_act(m) for m in gm.modules())
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         changed = False
         modules = dict(gm.named_modules())  # the nodes visited are the original ones: their targets stay

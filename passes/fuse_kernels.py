@@ -89,6 +89,10 @@ class FuseKernels(PassBase):
         self.enabled = enabled
         self.use_kernel = use_kernel
 
+    def applies(self, gm: fx.GraphModule) -> bool:
+        """Whether this pass fuses anything here (``run_passes`` skips it otherwise)."""
+        return self._should_run(gm)
+
     def _should_run(self, gm: fx.GraphModule) -> bool:
         if self.enabled is not None:
             return self.enabled

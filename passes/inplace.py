@@ -53,6 +53,11 @@ def is_inplace(gm: fx.GraphModule, node: fx.Node, modules: Optional[dict] = None
 class ThreadInplaceOps(PassBase):
     """Transform: readers after an in-place op read its result instead of the tensor it changed."""
 
+    def applies(self, gm: fx.GraphModule) -> bool:
+        """Whether the graph has an in-place op (``run_passes`` skips it otherwise)."""
+        modules = dict(gm.named_modules())
+        return any(is_inplace(gm, n, modules) for n in gm.graph.nodes)
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         modules = dict(gm.named_modules())

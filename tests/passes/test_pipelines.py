@@ -81,6 +81,33 @@ def test_analyses_run_in_order_without_a_recompile():
     torch.testing.assert_close(out(x), torch.sigmoid(x) + 1)
 
 
+class _NothingToDo(_ReluToSigmoid):
+    """A transform that says it does not apply: it must not even run."""
+
+    def applies(self, gm):
+        return False
+
+    def call(self, gm):
+        raise AssertionError("a pass that does not apply ran")
+
+
+def test_a_transform_that_does_not_apply_is_skipped_without_a_recompile():
+    gm = fx.symbolic_trace(_Net())
+    recompiles = []
+    real = fx.GraphModule.recompile
+
+    def counting(self):
+        recompiles.append(self)
+        return real(self)
+
+    fx.GraphModule.recompile = counting
+    try:
+        out = run_passes(gm, [_NothingToDo()])
+    finally:
+        fx.GraphModule.recompile = real
+    assert out is gm and not recompiles
+
+
 def test_a_failing_pass_raises_its_own_error():
     with pytest.raises(ValueError, match="the pass's own message"):
         run_passes(fx.symbolic_trace(_Net()), [_Fails()])
