@@ -170,20 +170,38 @@ class _WindowAttention(torch.nn.Module):
         return self.head(h)
 
 
-def test_attention_over_five_dimensions_exports_to_onnx(tmp_path):
-    """The ONNX exporter translates 4-d attention only: save flattens the leading dimensions
-    on a copy (NesT failed `--format onnx` pruned or not); the model itself is unchanged."""
+class _HeadsInBatch(torch.nn.Module):
+    """SAM's shape: attention over (batch x heads, tokens, dim) with a 3-d bias as the mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.qkv, self.proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
+        self.bias, self.head = torch.nn.Parameter(torch.randn(1, 5, 5)), torch.nn.Linear(8, 4)
+
+    def forward(self, x):  # x: (B, N, 8)
+        b, n, _ = x.shape
+        h = self.stem(x)
+        q, k, v = self.qkv(h).view(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).reshape(3, b * 2, n, 4).unbind(0)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias.expand(b * 2, n, n))
+        h = h + self.proj(y.view(b, 2, n, 4).transpose(1, 2).reshape(b, n, 8))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("cls, shape", [(_WindowAttention, (2, 3, 5, 8)), (_HeadsInBatch, (2, 5, 8))])
+def test_attention_over_other_than_four_dimensions_exports_to_onnx(tmp_path, cls, shape):
+    """The ONNX exporter translates 4-d attention only: save reshapes around it on a copy
+    (NesT, Twins and SAM's ViT failed `--format onnx`, pruned or not); the model is unchanged."""
     ort = pytest.importorskip("onnxruntime", reason="the optional onnx extra: pip install 'granular[onnx]'")
     pytest.importorskip("onnxscript")
     from granular.passes.flatten_attention import needs_flattening
-    x = torch.randn(2, 3, 5, 8)
-    gm = granular.prepare(_WindowAttention().eval(), x)
+    x = torch.randn(*shape)
+    gm = granular.prepare(cls().eval(), x)
     granular.testing.random_masks_(gm, op=0.0, filter=0.3, weight=0.3, seed=0)
     model = granular.export(gm.eval())
     assert any(needs_flattening(n) for n in model.graph.nodes)
     granular.save(model, tmp_path, format="onnx", example_inputs=x)
     assert any(needs_flattening(n) for n in model.graph.nodes)  # the copy was rewritten, not the model
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    batch = torch.randn(4, 3, 5, 8)
+    batch = torch.randn(4, *shape[1:])
     (out,) = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), model(batch).detach(), rtol=1e-4, atol=1e-5)
