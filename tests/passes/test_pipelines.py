@@ -58,23 +58,27 @@ class _CountTargets(PassBase):
         return PassResult(gm, False)
 
 
-def test_analyses_run_in_order_without_a_recompile():
-    """An analysis between two transforms sees the first one's graph; the manager does not
-    recompile the graph for it (that cost half a second per analysis on a super-net)."""
-    gm = fx.symbolic_trace(_Net())
-    count = _CountTargets()
-    recompiles = []
+@pytest.fixture
+def recompiles(monkeypatch):
+    """The GraphModules recompiled from here on (clear it after building the test's graph)."""
+    seen = []
     real = fx.GraphModule.recompile
 
     def counting(self):
-        recompiles.append(self)
+        seen.append(self)
         return real(self)
 
-    fx.GraphModule.recompile = counting
-    try:
-        out = run_passes(gm, [_ReluToSigmoid(), count])
-    finally:
-        fx.GraphModule.recompile = real
+    monkeypatch.setattr(fx.GraphModule, "recompile", counting)
+    return seen
+
+
+def test_analyses_run_in_order_without_a_recompile(recompiles):
+    """An analysis between two transforms sees the first one's graph; the manager does not
+    recompile the graph for it (that cost half a second per analysis on a super-net)."""
+    gm = fx.symbolic_trace(_Net())
+    recompiles.clear()  # building gm compiled it once
+    count = _CountTargets()
+    out = run_passes(gm, [_ReluToSigmoid(), count])
     assert torch.sigmoid in count.seen and torch.relu not in count.seen
     assert len(recompiles) == 1  # the transform's, not the analysis's
     x = torch.randn(5)
@@ -91,20 +95,10 @@ class _NothingToDo(_ReluToSigmoid):
         raise AssertionError("a pass that does not apply ran")
 
 
-def test_a_transform_that_does_not_apply_is_skipped_without_a_recompile():
+def test_a_transform_that_does_not_apply_is_skipped_without_a_recompile(recompiles):
     gm = fx.symbolic_trace(_Net())
-    recompiles = []
-    real = fx.GraphModule.recompile
-
-    def counting(self):
-        recompiles.append(self)
-        return real(self)
-
-    fx.GraphModule.recompile = counting
-    try:
-        out = run_passes(gm, [_NothingToDo()])
-    finally:
-        fx.GraphModule.recompile = real
+    recompiles.clear()  # building gm compiled it once
+    out = run_passes(gm, [_NothingToDo()])
     assert out is gm and not recompiles
 
 
