@@ -105,7 +105,7 @@ class InsertGates(PassBase):
                                  f"{GATE_ROOT}.scopes.{head.scope}.t_beta", node, GateInfo("filter", head.key, head.scope))
             gate.meta[HEADS] = head
 
-        modules = dict(gm.named_modules())  # with the α and head gates a layer's user may be
+        modules = dict(gm.named_modules())  # after the α and head gates: a layer's user may be one
         for node, info in layers:
             key = sanitize(info.module)
             lv = layer_view(gm, node, modules)
